@@ -1,0 +1,1 @@
+"""`python -m infer`: text generation (see infer/__main__.py)."""

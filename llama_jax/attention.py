@@ -1,0 +1,84 @@
+"""Grouped-query self-attention with RoPE and an optional KV cache; K/V are never repeated per query head."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+from llama_jax.rope import apply_rope, inverse_frequencies
+from llama_jax.sharding import constrain
+from llama_jax.weights import weight
+
+# A finite "minus infinity": a row whose keys are all masked (padding) gets a uniform softmax, never NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
+    """Which keys each query may see: causal by slot, same segment, and never an empty/padding slot.
+
+    q_segments `[batch, seq]`, kv_segments `[batch, kv_len]` (0 = padding/empty), q_offset = slot of query 0.
+    Returns bool `[batch, seq, kv_len]`. Segments keep packed examples apart; left padding is segment 0.
+    """
+    q_slots = q_offset + jnp.arange(q_segments.shape[1])
+    causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slots[:, None]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return causal[None] & same & (kv_segments[:, None, :] != 0)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention, scores and softmax in float32.
+
+    q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]`, mask `[batch, seq, kv_len]`.
+    Query head h reads kv head h // (heads // kv_heads), as in the reference. Returns `[batch, seq, heads, head_dim]`.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(batch, seq, heads, head_dim)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def project_in(self, name: str, x: jax.Array, heads_axis: str, heads: int) -> jax.Array:
+        """x `[batch, seq, embed]` -> `[batch, seq, heads, head_dim]`."""
+        c = self.config
+        out = jnp.einsum("bse,ehd->bshd", x, weight(self, name, ("embed", heads_axis, "head_dim"),
+                                                    (c.hidden_size, heads, c.head_dim)))
+        if c.attention_bias:
+            out = out + weight(self, f"{name}_bias", (heads_axis, "head_dim"), (heads, c.head_dim),
+                               nn.initializers.zeros)
+        return constrain(out, ("batch", "seq", heads_axis, "head_dim"))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int):
+        """Self-attention over `x` and, when given, this layer's cached keys/values.
+
+        x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`;
+        kv: None, or this layer's cache (k, v) `[batch, max_len, kv_heads, head_dim]`, into which the new keys and
+        values are written at slots cache_index .. cache_index + seq - 1 (kv_len = max_len then, else seq).
+        Returns (`[batch, seq, embed]`, the updated (k, v) or None).
+        """
+        c = self.config
+        inv_freq = inverse_frequencies(c)
+        q = apply_rope(self.project_in("q", x, "heads", c.num_attention_heads), positions, inv_freq)
+        k = apply_rope(self.project_in("k", x, "kv_heads", c.num_key_value_heads), positions, inv_freq)
+        v = self.project_in("v", x, "kv_heads", c.num_key_value_heads)
+        if kv is not None:
+            start = (0, cache_index, 0, 0)
+            kv = tuple(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), start)
+                       for old, new in ((kv[0], k), (kv[1], v)))
+            k, v = (t.astype(self.dtype) for t in kv)
+        out = attend(q, k, v, mask)
+        out = jnp.einsum("bshd,hde->bse", out, weight(self, "o", ("heads", "head_dim", "embed"),
+                                                      (c.num_attention_heads, c.head_dim, c.hidden_size)))
+        if c.attention_bias:
+            out = out + weight(self, "o_bias", ("embed",), (c.hidden_size,), nn.initializers.zeros)
+        return out, kv

@@ -1,0 +1,32 @@
+"""The static, preallocated key/value cache that the forward fills and reads."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+
+# Logical axis names of the cache's arrays, for sharding.
+CACHE_NAMES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` slots, and which slots hold which segment.
+
+    k, v:        `[layers, batch, max_len, kv_heads, head_dim]`, already rotated (RoPE applied to k).
+    segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
+    index:       int32 scalar, the next slot to write (all rows advance together; rows differ by left padding).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated)."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))

@@ -1,0 +1,148 @@
+"""The Llama decoder as stateless Flax modules, and the one forward that inference and training share.
+
+Params tree (L = num_hidden_layers; the decoder layer is one `nn.scan`, so its params carry a leading layer axis):
+
+    embed                 [vocab, embed]
+    layers/attn_norm/scale  [L, embed]
+    layers/attn/{q,k,v}     [L, embed, heads|kv_heads, head_dim]   (+ {q,k,v}_bias [L, heads|kv_heads, head_dim])
+    layers/attn/o           [L, heads, head_dim, embed]            (+ o_bias [L, embed])
+    layers/mlp_norm/scale   [L, embed]
+    layers/mlp/{gate,up}    [L, embed, mlp], layers/mlp/down [L, mlp, embed]   (+ *_bias)
+    final_norm/scale      [embed]
+    lm_head               [embed, vocab]   (absent when tie_word_embeddings)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.attention import Attention, attention_mask
+from llama_jax.cache import KVCache
+from llama_jax.config import LlamaConfig
+from llama_jax.mlp import MLP
+from llama_jax.norm import RMSNorm
+from llama_jax.sharding import constrain, tree_shardings
+from llama_jax.weights import INIT
+
+Remat = Literal["none", "full", "dots"]
+# What the backward pass may keep instead of recomputing: "full" keeps nothing, "dots" keeps matmul outputs.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv, positions, mask, cache_index):
+        """One pre-norm block. x `[batch, seq, embed]`; kv: this layer's cache (k, v) or None; see Attention.
+
+        Shaped for `nn.scan`: (carry=x, scanned=kv) -> (x, updated kv).
+        """
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, kv = Attention(c, **kw, name="attn")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x),
+                                                 positions, mask, kv, cache_index)
+        x = x + h
+        x = x + MLP(c, **kw, name="mlp")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(x))
+        return constrain(x, ("batch", "seq", "embed")), kv
+
+
+class Llama(nn.Module):
+    """Token ids -> float32 logits (and the updated KV cache). Use `forward` rather than this class directly."""
+
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: Remat = "none"
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
+        c = self.config
+        embed = self.param("embed", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
+                           (c.vocab_size, c.hidden_size), self.param_dtype)
+        x = constrain(jnp.take(embed, tokens, axis=0).astype(self.dtype), ("batch", "seq", "embed"))
+
+        if cache is None:
+            offset, kv_segments, kv = 0, segment_ids, None
+        else:
+            offset = cache.index
+            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, offset))
+            kv = (cache.k, cache.v)
+        mask = attention_mask(segment_ids, kv_segments, offset)
+
+        layer = DecoderLayer
+        if self.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, kv = layers(c, self.dtype, self.param_dtype, name="layers")(x, kv, positions, mask, offset)
+
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            head = embed.T
+        else:
+            head = self.param("lm_head", nn.with_logical_partitioning(INIT, ("embed", "vocab")),
+                              (c.hidden_size, c.vocab_size), self.param_dtype)
+        logits = jnp.einsum("bse,ev->bsv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+        if cache is not None:
+            cache = KVCache(kv[0], kv[1], kv_segments, offset + tokens.shape[1])
+        return logits, cache
+
+
+def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, cache: KVCache | None = None, dtype=jnp.float32,
+            remat: Remat = "none") -> tuple[jax.Array, KVCache | None]:
+    """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
+
+    positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
+    segment_ids: `[batch, seq]` int; tokens attend only to earlier tokens of the same segment; 0 marks padding.
+                 Default: all ones (one causal sequence per row).
+    cache:       a `KVCache` to append these tokens to (slots cache.index ..), or None for a plain forward.
+    dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
+    remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
+    Jit it with `config`, `dtype` and `remat` static.
+    """
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        start = 0 if cache is None else cache.index
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+    model = Llama(config, dtype=dtype, remat=remat)
+    return model.apply({"params": params}, tokens, positions, segment_ids, cache)
+
+
+def _boxed_init(config: LlamaConfig, param_dtype):
+    model = Llama(config, param_dtype=param_dtype)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return lambda rng: model.init(rng, dummy, dummy, dummy + 1, None)["params"]
+
+
+def param_logical_names(config: LlamaConfig) -> Any:
+    """The params tree with, at each leaf, the tuple of logical axis names of that weight."""
+    boxed = jax.eval_shape(_boxed_init(config, jnp.float32), jax.random.key(0))
+    return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
+
+
+def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> Any:
+    """The params tree of `jax.ShapeDtypeStruct`s, computed without allocating anything."""
+    return nn.meta.unbox(jax.eval_shape(_boxed_init(config, dtype), jax.random.key(0)))
+
+
+def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
+    """The params tree of `NamedSharding`s on `mesh`, from the logical names and the sharding rules."""
+    return tree_shardings(mesh, param_logical_names(config), param_shapes(config))
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
+                ) -> Any:
+    """Random params (normal(0.02) weights, unit norms, zero biases), created directly in their sharded layout."""
+    init = _boxed_init(config, dtype)
+    shardings = None if mesh is None else param_shardings(config, mesh)
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)

@@ -1,0 +1,189 @@
+"""The model against the reference (transformers LlamaForCausalLM) and against itself across layouts.
+
+Reference logits come from tests/make_fixtures.py (transformers + torch); with torch installed the same
+comparison also runs live on freshly built reference models.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import VARIANTS, load_fixture
+
+import llama_jax as lj
+from llama_jax.hf_mapping import params_from_hf, params_to_hf
+from llama_jax.sharding import named_sharding, place
+
+FP32_TOL = 1e-4  # max abs logit difference, logits of order 1-10
+
+
+def logits_of(params, tokens, config, **kwargs):
+    logits, _ = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))(
+        params, jnp.asarray(tokens), config, **kwargs)
+    return np.asarray(logits)
+
+
+def assert_close(actual, expected, tol):
+    assert np.isfinite(actual).all(), "non-finite logits"
+    err = np.abs(actual - expected).max()
+    assert err < tol, f"max abs error {err:.3g} >= {tol}"
+
+
+def test_parity_with_reference_fixtures(fixture_model):
+    variant, config, params, ref = fixture_model
+    assert 1 < np.abs(ref["logits"]).max() < 20
+    assert_close(logits_of(params, ref["tokens"], config), ref["logits"], FP32_TOL)
+
+
+def test_fixture_variants_cover_the_features():
+    configs = {v: load_fixture(v)[0] for v in VARIANTS}
+    assert configs["mha"].num_key_value_heads == configs["mha"].num_attention_heads
+    assert configs["gqa"].num_groups > 1
+    assert configs["tied"].tie_word_embeddings
+    assert configs["bias"].attention_bias and configs["bias"].mlp_bias
+    c = configs["head_dim"]
+    assert c.head_dim != c.hidden_size // c.num_attention_heads
+    c, ref = configs["rope_scaling"], load_fixture("rope_scaling")[2]
+    assert c.rope_scaling is not None
+    assert ref["tokens"].shape[1] > c.rope_scaling.original_max_position_embeddings
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_live_with_transformers(variant):
+    pytest.importorskip("torch")
+    from make_fixtures import build_reference
+
+    hf_config, state_dict, ref, _ = build_reference(variant)
+    config = lj.LlamaConfig.from_hf(hf_config)
+    assert_close(logits_of(params_from_hf(state_dict, config), ref["tokens"], config), ref["logits"], FP32_TOL)
+
+
+def test_rope_scaling_matters():
+    """Guards the parity test against a no-op: without the Llama 3.1 scaling the logits move far."""
+    config, params, ref = load_fixture("rope_scaling")
+    unscaled = logits_of(params, ref["tokens"], config.replace(rope_scaling=None))
+    assert np.abs(unscaled - ref["logits"]).max() > 100 * FP32_TOL
+
+
+def test_hf_mapping_round_trip_is_bit_exact(fixture_model):
+    variant, config, params, _ = fixture_model
+    from safetensors.numpy import load_file
+
+    from conftest import FIXTURES
+
+    original = load_file(FIXTURES / variant / "model.safetensors")
+    back = params_to_hf(params, config)
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
+
+
+def test_mapping_rejects_a_wrong_shape():
+    config, params, _ = load_fixture("gqa")
+    state_dict = params_to_hf(params, config)
+    state_dict["model.layers.1.self_attn.k_proj.weight"] = state_dict["model.layers.1.self_attn.q_proj.weight"]
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.k_proj.weight"):
+        params_from_hf(state_dict, config)
+
+
+def test_bf16_forward_close_to_fp32_in_kl():
+    config, params, ref = load_fixture("gqa")
+    p32 = jax.nn.softmax(logits_of(params, ref["tokens"], config), axis=-1)
+    bf16_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    logits16 = logits_of(bf16_params, ref["tokens"], config, dtype=jnp.bfloat16)
+    assert logits16.dtype == np.float32 and np.isfinite(logits16).all()
+    log_p16 = jax.nn.log_softmax(logits16, axis=-1)
+    kl = np.sum(p32 * (np.log(p32) - log_p16), axis=-1)  # KL(fp32 || bf16) per position
+    assert kl.max() < 2e-2 and kl.mean() < 5e-3, (kl.max(), kl.mean())
+    assert kl.mean() > 0  # bf16 really ran
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_keep_logits_and_grads(remat):
+    config, params, ref = load_fixture("gqa")
+    tokens = jnp.asarray(ref["tokens"])
+
+    def loss(p, remat):
+        logits, _ = lj.forward(p, tokens, config, remat=remat)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    base_loss, base_grads = jax.value_and_grad(loss)(params, "none")
+    new_loss, new_grads = jax.value_and_grad(loss)(params, remat)
+    np.testing.assert_allclose(new_loss, base_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_grads, base_grads)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_equals_single_device(mesh_shape):
+    assert jax.device_count() == 8
+    config, params, ref = load_fixture("gqa")
+    tokens = np.concatenate([ref["tokens"]] * 4)  # batch 8, divisible by every data axis
+    expected = logits_of(params, tokens, config)
+
+    spec = ",".join(f"{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), mesh_shape))
+    mesh = lj.make_mesh(spec)
+    shardings = lj.param_shardings(config, mesh)
+    sharded = jax.tree.map(lambda x, s: place(np.asarray(x), s), params, shardings)
+    # The layout really is split: the q kernel spans all devices unless the mesh is pure data parallel.
+    q = sharded["layers"]["attn"]["q"]
+    shard_elems = q.addressable_shards[0].data.size
+    assert shard_elems == q.size if mesh_shape[0] == 8 else shard_elems < q.size
+    with jax.set_mesh(mesh):
+        tokens_sharded = place(tokens, named_sharding(mesh, ("batch", "seq"), tokens.shape))
+        actual = logits_of(sharded, tokens_sharded, config)
+    assert_close(actual, expected, 1e-5)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    config, params, ref = load_fixture("gqa")
+    rows = [ref["tokens"][0, :12], ref["tokens"][1, :5], ref["tokens"][0, 3:11]]
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+        segments[i, width - len(row):] = 1
+        positions[i, width - len(row):] = np.arange(len(row))
+    batched = logits_of(params, tokens, config, positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    assert np.isfinite(batched).all()
+    for i, row in enumerate(rows):
+        alone = logits_of(params, row[None], config)[0]
+        assert_close(batched[i, width - len(row):], alone, 1e-5)
+
+
+def test_packed_segments_equal_separate_sequences():
+    config, params, ref = load_fixture("gqa")
+    a, b = ref["tokens"][0, :7], ref["tokens"][1, :5]
+    tokens = np.concatenate([a, b])[None]
+    segments = np.array([[1] * len(a) + [2] * len(b)])
+    positions = np.array([list(range(len(a))) + list(range(len(b)))])
+    packed = logits_of(params, tokens, config, positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    assert_close(packed[0, :len(a)], logits_of(params, a[None], config)[0], 1e-5)
+    assert_close(packed[0, len(a):], logits_of(params, b[None], config)[0], 1e-5)
+
+
+def test_cached_forward_equals_full_forward():
+    config, params, ref = load_fixture("rope_scaling")
+    tokens = jnp.asarray(ref["tokens"][:, :40])
+    cache = lj.init_cache(config, batch=2, max_len=48)
+    step = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))
+    prefill, cache = step(params, tokens[:, :30], config, cache=cache)
+    pieces = [prefill]
+    for t in range(30, 40):
+        logits, cache = step(params, tokens[:, t:t + 1], config, cache=cache)
+        pieces.append(logits)
+    assert int(cache.index) == 40
+    assert_close(np.concatenate(pieces, axis=1), ref["logits"][:, :40], FP32_TOL)
+
+
+def test_init_params_places_directly_on_mesh():
+    config = lj.preset("tiny-gqa")
+    mesh = lj.make_mesh("data=1,fsdp=-1,tensor=2")
+    params = lj.init_params(config, jax.random.key(0), mesh=mesh)
+    expected = lj.param_shardings(config, mesh)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+                 params, expected)
+    assert params["layers"]["mlp"]["up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    shapes = lj.param_shapes(config)
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
