@@ -1,0 +1,52 @@
+"""python -m convert: Hugging Face safetensors or GGUF -> llama_jax checkpoint, and checkpoint -> Hugging Face.
+
+    python -m convert hf SRC_DIR DST_DIR [--dtype bfloat16|float16|float32] [--force]
+    python -m convert gguf SRC.gguf DST_DIR [--dtype ...] [--force]
+    python -m convert export CKPT_DIR DST_HF_DIR [--dtype ...] [--force]
+"""
+
+import argparse
+import sys
+
+from llama_jax.conversion import export_hf, gguf_source, hf_source, to_checkpoint
+from llama_jax.errors import InputError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, src, help_text in (("hf", "SRC_DIR", "HF LlamaForCausalLM directory -> checkpoint"),
+                                 ("gguf", "SRC_GGUF", "llama-architecture GGUF file -> checkpoint"),
+                                 ("export", "CKPT_DIR", "checkpoint -> HF LlamaForCausalLM directory")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("source", metavar=src)
+        command.add_argument("destination", metavar="DST_DIR")
+        command.add_argument("--dtype", choices=DTYPES,
+                             help="weights dtype (default: the source's; float32 for GGUF)")
+        command.add_argument("--force", action="store_true", help="replace an existing destination")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "export":
+            out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force)
+        else:
+            source = hf_source(args.source) if args.command == "hf" else gguf_source(args.source)
+            out = to_checkpoint(source, args.destination, dtype=args.dtype, force=args.force)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Conversions between HF directories, GGUF files and llama_jax checkpoints, one tensor at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from tqdm import tqdm
+
+from llama_jax.atomic import atomic_directory
+from llama_jax.checkpoint import open_checkpoint, write_checkpoint
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import InputError
+from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
+from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
+
+# End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
+END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a checkpoint is made from: a config, a getter of HF tensors, and the tokenizer and chat files."""
+
+    path: Path
+    config: LlamaConfig
+    get: Callable[[str], np.ndarray]
+    file_of: Callable[[str], Path]
+    tokenizer_json: str | None
+    chat_template: str | None
+    generation_config: dict
+    dtype: np.dtype
+
+
+def hf_source(directory: str | Path) -> Source:
+    hf = HFCheckpoint(directory)
+    return Source(hf.directory, hf.config, hf.get, hf.file_of, hf.tokenizer_json, hf.chat_template,
+                  hf.generation_config, hf.dtype())
+
+
+def gguf_source(path: str | Path) -> Source:
+    from llama_jax.gguf_io import open_gguf
+
+    gguf = open_gguf(path)
+    try:
+        config = LlamaConfig.from_hf(gguf.hf_config)
+    except (KeyError, ValueError) as e:
+        raise InputError(gguf.path, f"unsupported model metadata ({e})") from None
+    return Source(gguf.path, config, gguf.get, lambda _: gguf.path, gguf.tokenizer_json(), gguf.chat_template,
+                  gguf.generation_config, np.dtype(np.float32))
+
+
+def stop_ids(config: LlamaConfig, generation_config: dict, tokenizer_json: str | None) -> list[int]:
+    """Every id that ends generation: the config's and generation config's eos ids and known end-of-turn tokens."""
+    eos = generation_config.get("eos_token_id")
+    ids = list(config.eos_token_id) + (eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer_json is not None:
+        added = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+        ids += [added[t] for t in END_OF_TURN_TOKENS if t in added]
+    return sorted(set(ids))
+
+
+def generation_settings(source: Source) -> dict:
+    """generation_config.json for the checkpoint: the source's sampling defaults with the full list of stop ids."""
+    settings = {k: v for k, v in source.generation_config.items() if k != "transformers_version"}
+    settings["bos_token_id"] = source.config.bos_token_id
+    settings["eos_token_id"] = stop_ids(source.config, source.generation_config, source.tokenizer_json)
+    return settings
+
+
+def progress_bar(total_bytes: int, tensors: int, description: str) -> tqdm:
+    """A bytes progress bar on a terminal (tensors counted in the postfix); silent when stdout is not a TTY."""
+    return tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not sys.stdout.isatty(), postfix={"tensors": f"0/{tensors}"})
+
+
+def _leaves(source: Source, dtype: np.dtype, bar: tqdm) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    mappings = tensor_mappings(source.config)
+    for done, mapping in enumerate(mappings, start=1):
+        try:
+            leaf = load_stacked(mapping, source.get, source.config)
+        except InputError:
+            raise
+        except ValueError as e:  # a shape that disagrees with the config: name the file holding the tensor
+            raise InputError(source.file_of(mapping.hf_names(source.config)[0]), str(e)) from None
+        yield mapping.path, leaf
+        bar.update(leaf.size * dtype.itemsize)
+        bar.set_postfix(tensors=f"{done}/{len(mappings)}")
+
+
+def _total_bytes(mappings: list[TensorMapping], config: LlamaConfig, dtype: np.dtype) -> int:
+    return sum(int(np.prod(m.shape)) * len(m.hf_names(config)) * dtype.itemsize for m in mappings)
+
+
+def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
+    """Write `source` as a llama_jax checkpoint at `destination` (in `dtype`, default the source's)."""
+    dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else source.dtype
+    if source.tokenizer_json is None:
+        print(f"warning: {source.path}: no tokenizer.json; the checkpoint will hold weights and config only",
+              file=sys.stderr)
+    mappings = tensor_mappings(source.config)
+    with progress_bar(_total_bytes(mappings, source.config, dtype), len(mappings), "convert") as bar:
+        return write_checkpoint(destination, source.config, _leaves(source, dtype, bar), dtype=dtype,
+                                source=str(source.path), tokenizer_json=source.tokenizer_json,
+                                chat_template=source.chat_template, generation_config=generation_settings(source),
+                                force=force)
+
+
+def _load_leaf(params_dir: Path, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Restore one params leaf onto the host, without reading the others."""
+    abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    for key in reversed(path):
+        abstract = {key: abstract}
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    with context:
+        value = ocp.load(params_dir, abstract)
+    for key in path:
+        value = value[key]
+    return np.asarray(value)
+
+
+def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_template: str | None) -> dict:
+    """A minimal tokenizer_config.json so that transformers' AutoTokenizer loads tokenizer.json."""
+    result: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if tokenizer_json is not None:
+        content = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+        for key, token_id in (("bos_token", config.bos_token_id), ("pad_token", config.pad_token_id),
+                              ("eos_token", (config.eos_token_id or (None,))[0])):
+            if token_id in content:
+                result[key] = content[token_id]
+    if chat_template is not None:
+        result["chat_template"] = chat_template
+    return result
+
+
+def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
+    """Write a llama_jax checkpoint as a HF `LlamaForCausalLM` directory (sharded safetensors + index)."""
+    checkpoint = open_checkpoint(checkpoint_dir)
+    config = checkpoint.config
+    dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else checkpoint.dtype)
+    mappings = tensor_mappings(config)
+
+    def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
+        for done, mapping in enumerate(mappings, start=1):
+            shape = (config.num_hidden_layers, *mapping.shape) if mapping.stacked else mapping.shape
+            leaf = _load_leaf(checkpoint.directory / "params", mapping.path, shape, checkpoint.dtype).astype(dtype)
+            yield dict(unstack(mapping, leaf, config))
+            bar.update(leaf.nbytes)
+            bar.set_postfix(tensors=f"{done}/{len(mappings)}")
+
+    tokenizer_json = checkpoint.tokenizer_path.read_text() if checkpoint.tokenizer_path.exists() else None
+    with (atomic_directory(destination, force=force) as work,
+          progress_bar(_total_bytes(mappings, config, dtype), len(mappings), "export") as bar):
+        write_safetensors_shards(work, shards(bar), len(mappings))
+        hf_config = {**config.to_hf(), "torch_dtype": dtype.name}
+        (work / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (work / "generation_config.json").write_text(json.dumps(checkpoint.generation_config, indent=2) + "\n")
+        if tokenizer_json is not None:
+            (work / "tokenizer.json").write_text(tokenizer_json)
+        (work / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(tokenizer_json, config, checkpoint.chat_template), indent=2) + "\n")
+        if checkpoint.chat_template is not None:
+            (work / "chat_template.jinja").write_text(checkpoint.chat_template)
+    return Path(destination)
