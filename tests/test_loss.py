@@ -1,0 +1,56 @@
+"""The masked next-token loss and its gradients against transformers/torch (fixtures from make_fixtures.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_fixture
+from safetensors.numpy import load_file
+
+from llama_jax.hf_mapping import params_from_hf
+from llama_jax.loss import next_token_loss
+
+
+def batch_of(ref):
+    return {"tokens": jnp.asarray(ref["train_tokens"]), "loss_mask": jnp.asarray(ref["train_mask"])}
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+def test_loss_and_grads_match_torch(variant):
+    config, params, ref = load_fixture(variant)
+    (loss, aux), grads = jax.value_and_grad(next_token_loss, has_aux=True)(params, batch_of(ref), config)
+    np.testing.assert_allclose(loss, ref["train_loss"], rtol=1e-5)
+    assert aux["weight"] == ref["train_mask"][:, 1:].sum()
+    expected = params_from_hf(load_file(FIXTURES / variant / "grads.safetensors"), config)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(expected))
+    errors = jax.tree.map(lambda g, e: float(np.abs(np.asarray(g) - e).max()), grads, expected)
+    assert max(jax.tree.leaves(errors)) < 1e-4 * scale, errors
+
+
+def test_masked_tokens_contribute_exactly_zero():
+    config, params, ref = load_fixture("gqa")
+    tokens = np.asarray(ref["train_tokens"])
+    mask = np.zeros(tokens.shape, np.float32)
+    mask[:, 2:6] = 1  # an "assistant turn" in the middle; a masked prompt before it, a masked turn after it
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    grad_fn = jax.jit(jax.value_and_grad(next_token_loss, has_aux=True), static_argnames="config")
+    (loss, aux), grads = grad_fn(params, batch, config)
+    assert float(aux["weight"]) == 2 * 4  # targets 2..5 of each row
+
+    # Tokens after the last counted target (a later user turn) change nothing, bit for bit.
+    changed = tokens.copy()
+    changed[:, 6:] = (changed[:, 6:] + 7) % config.vocab_size
+    (loss2, _), grads2 = grad_fn(params, {**batch, "tokens": jnp.asarray(changed)}, config)
+    assert float(loss2) == float(loss)
+    jax.tree.map(np.testing.assert_array_equal, grads2, grads)
+
+    # A row that is all prompt (mask 0) adds nothing.
+    extra = {"tokens": jnp.asarray(np.concatenate([tokens, tokens[:1]])),
+             "loss_mask": jnp.asarray(np.concatenate([mask, np.zeros_like(mask[:1])]))}
+    (loss3, _), grads3 = grad_fn(params, extra, config)
+    np.testing.assert_allclose(loss3, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads3, grads)
+
+    # With everything masked the gradient is exactly zero.
+    (_, aux), zero = grad_fn(params, {**batch, "loss_mask": jnp.zeros_like(batch["loss_mask"])}, config)
+    assert float(aux["weight"]) == 0 and all(not np.asarray(g).any() for g in jax.tree.leaves(zero))
