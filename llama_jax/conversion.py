@@ -54,7 +54,8 @@ def gguf_source(path: str | Path) -> Source:
         config = LlamaConfig.from_hf(gguf.hf_config)
     except (KeyError, ValueError) as e:
         raise InputError(gguf.path, f"unsupported model metadata ({e})") from None
-    return Source(gguf.path, config, gguf.get, lambda _: gguf.path, gguf.tokenizer_json(), gguf.chat_template,
+    tokenizer = gguf.tokenizer_json() if gguf.has_tokenizer else None
+    return Source(gguf.path, config, gguf.get, lambda _: gguf.path, tokenizer, gguf.chat_template,
                   gguf.generation_config, np.dtype(np.float32))
 
 

@@ -25,6 +25,28 @@ def load_fixture(variant: str):
     return config, params, dict(np.load(directory / "reference.npz"))
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2_model():
+    """transformers' LlamaForCausalLM loaded from the SmolLM2 GGUF (fp32, eval): the real-model reference."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llama_jax.gguf_io import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from its GGUF to a float32 llama_jax checkpoint (once per run)."""
+    from llama_jax.conversion import gguf_source, to_checkpoint
+    from llama_jax.gguf_io import smollm2_gguf_path
+
+    return to_checkpoint(gguf_source(smollm2_gguf_path()), tmp_path_factory.mktemp("smollm2") / "ckpt")
+
+
 @pytest.fixture(params=VARIANTS)
 def fixture_model(request):
     return (request.param, *load_fixture(request.param))
