@@ -1,0 +1,253 @@
+"""The generation engine: batched prefill and an on-device decode loop over a static, donated KV cache.
+
+    engine = Engine(params, config, max_len=512, sampling=SamplingParams(temperature=0.7, top_p=0.9))
+    result = engine.generate([[1, 15, 42], [1, 7]], max_new_tokens=64, stop_ids=config.eos_token_id, seed=0)
+    result.completions[0].tokens, result.completions[0].finish_reason
+
+Prompts are left padded to a bucketed length (padding is segment 0, so it is never attended to) and every row
+gets its own RoPE positions starting at 0, so a row's tokens do not depend on the rows batched with it. The
+whole batch is prefilled in one call; the decode loop is a `lax.while_loop` on device that exits early once
+every row has stopped, and returns to the host only once per streamed chunk. Each shape is compiled ahead of
+time, once per engine (and across runs with `enable_compilation_cache`), and the compile time is reported apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.cache import CACHE_NAMES, KVCache, init_cache
+from llama_jax.config import LlamaConfig
+from llama_jax.model import forward, param_shardings
+from llama_jax.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
+from llama_jax.sharding import named_sharding
+
+MIN_BUCKET = 16
+EMPTY = -1  # what a finished row emits on device; never returned
+
+
+def enable_compilation_cache(path: str | Path) -> None:
+    """Keep every compiled program under `path`, so a later run with the same shapes skips XLA compilation."""
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def bucket(length: int) -> int:
+    """The padded prompt length for `length` tokens: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts -> (tokens, positions, segment_ids), each int32 `[batch, length]`, every prompt right-aligned.
+
+    Padding is token 0, position 0, segment 0; a prompt's own tokens are segment 1 at positions 0..len-1.
+    """
+    tokens, positions, segments = (np.zeros((len(prompts), length), np.int32) for _ in range(3))
+    for row, prompt in enumerate(prompts):
+        start = length - len(prompt)
+        tokens[row, start:] = prompt
+        positions[row, start:] = np.arange(len(prompt))
+        segments[row, start:] = 1
+    return tokens, positions, segments
+
+
+def decode_step(params: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
+                dtype=jnp.float32) -> tuple[jax.Array, KVCache]:
+    """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache."""
+    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None],
+                            segment_ids=jnp.ones_like(tokens)[:, None], cache=cache, dtype=dtype)
+    return logits[:, 0], cache
+
+
+class DecodeState(NamedTuple):
+    """Where each row is. token, position, done: `[batch]`; step: int32 scalar."""
+
+    token: jax.Array  # int32, the last token emitted (the next input)
+    position: jax.Array  # int32, the RoPE position of `token`
+    done: jax.Array  # bool, the row has emitted a stop id
+    step: jax.Array  # tokens emitted so far by each unfinished row
+
+
+def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype):
+    """Prompts `[batch, seq]` into an empty cache; samples each row's first token. -> (cache, DecodeState).
+
+    keys: `[batch]` PRNG keys, one stream per row; is_stop: bool `[vocab]`, the stop tokens.
+    """
+    logits, cache = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, cache=cache,
+                            dtype=dtype)
+    first = sample(logits[:, -1], step_keys(keys, 0), sampling)
+    return cache, DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.int32(1))
+
+
+def _decode(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, width):
+    """Up to `width` steps, stopping once state.step reaches `limit` or every row is done.
+
+    Returns (cache, state, tokens `[batch, width]` int32): the tokens emitted, EMPTY where a row had already
+    stopped or the loop had ended.
+    """
+    out = jnp.full((state.token.shape[0], width), EMPTY, jnp.int32)
+
+    def running(carry):
+        _, s, _, i = carry
+        return (i < width) & (s.step < limit) & ~jnp.all(s.done)
+
+    def step(carry):
+        cache, s, out, i = carry
+        logits, cache = decode_step(params, cache, jnp.where(s.done, 0, s.token), s.position, config, dtype)
+        token = sample(logits, step_keys(keys, s.step), sampling)
+        out = jax.lax.dynamic_update_slice(out, jnp.where(s.done, EMPTY, token)[:, None], (0, i))
+        state = DecodeState(token, s.position + 1, s.done | is_stop[token], s.step + 1)
+        return cache, state, out, i + 1
+
+    cache, state, out, _ = jax.lax.while_loop(running, step, (cache, state, out, jnp.int32(0)))
+    return cache, state, out
+
+
+class Completion(NamedTuple):
+    tokens: list[int]  # the generated ids; the last is the stop id when finish_reason == "stop" (as transformers)
+    finish_reason: str  # "stop" (emitted a stop id) or "length" (reached max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `Engine.generate` returns: one Completion per prompt, in order, and timings in seconds."""
+
+    completions: list[Completion]
+    compile_s: float  # compiling shapes this engine had not seen (0 once warm)
+    ttft_s: float  # prefill of the batch up to every row's first token on the host, compilation excluded
+    decode_s: float  # everything after the first tokens, compilation excluded
+    decode_tokens: int  # tokens emitted after the first ones, all rows together
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Engine:
+    """Generates from a batch of prompts with a static KV cache of `max_len` slots per row.
+
+    params:      the model params, put on the device once (laid out by `param_shardings` on a mesh).
+    max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
+    sampling:    how tokens are picked (compiled in; make another Engine to change it).
+    cache_dtype: dtype of the cached keys and values; dtype: compute dtype of the forward.
+    mesh:        a mesh with axes data/fsdp/tensor: rows split over data (and fsdp), heads and vocab over tensor.
+    """
+
+    def __init__(self, params: Any, config: LlamaConfig, *, max_len: int, sampling: SamplingParams = GREEDY,
+                 cache_dtype=jnp.float32, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None):
+        self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
+        self.cache_dtype, self.dtype = cache_dtype, dtype
+        self.params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh))
+        self._executables: dict[Any, Any] = {}
+
+    def _sharding(self, names, shape):
+        return None if self.mesh is None else named_sharding(self.mesh, names, shape)
+
+    def _put(self, array, names):
+        """A host array onto the device(s), laid out by logical axis names."""
+        sharding = self._sharding(names, np.shape(array))
+        return jnp.asarray(array) if sharding is None else jax.device_put(array, sharding)
+
+    def _layout(self, batch: int, width: int | None = None):
+        """Shardings of the outputs (cache, state[, tokens `[batch, width]`]), or None without a mesh."""
+        if self.mesh is None:
+            return None
+        c = self.config
+        kv = self._sharding(CACHE_NAMES, (c.num_hidden_layers, batch, self.max_len, c.num_key_value_heads,
+                                          c.head_dim))
+        cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()))
+        rows = self._sharding(("batch",), (batch,))
+        state = DecodeState(rows, rows, rows, self._sharding((), ()))
+        return (cache, state) if width is None else (cache, state, self._sharding(("batch", "seq"), (batch, width)))
+
+    def _executable(self, fn: Callable, args: tuple, batch: int, width: int | None = None
+                    ) -> tuple[Callable, float]:
+        """`fn` jitted (cache = argument 1 donated) and compiled for these argument shapes, and the seconds it
+        took to compile now (0 when this engine already had it)."""
+        key = (fn, width, tuple((np.shape(x), x.dtype) for x in jax.tree.leaves(args)))
+        if key in self._executables:
+            return self._executables[key], 0.0
+        start = time.perf_counter()
+        static = dict(config=self.config, sampling=self.sampling, dtype=self.dtype)
+        if width is not None:
+            static["width"] = width
+        jitted = jax.jit(functools.partial(fn, **static), donate_argnums=1, out_shardings=self._layout(batch, width))
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            self._executables[key] = jitted.lower(*args).compile()
+        return self._executables[key], time.perf_counter() - start
+
+    def empty_cache(self, batch: int) -> KVCache:
+        """A zeroed cache for `batch` rows, laid out on the mesh."""
+        make = functools.partial(init_cache, self.config, batch, self.max_len, self.cache_dtype)
+        return make() if self.mesh is None else jax.jit(make, out_shardings=self._layout(batch)[0])()
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                 seed: int = 0, on_tokens: Callable[[list[list[int]]], None] | None = None, stream_chunk: int = 1
+                 ) -> Generation:
+        """Up to `max_new_tokens` tokens after each prompt (lists of token ids, any lengths, at least one token).
+
+        stop_ids:  a row finishes when it emits any of these (e.g. the checkpoint's `config.eos_token_id`).
+
+        on_tokens: streaming callback, called with each row's new tokens (a list per row, empty once a row has
+                   stopped) as soon as they reach the host: first the first tokens, then every `stream_chunk`
+                   steps. Without it the whole decode runs in a single device call.
+        seed:      sampling seed; row r's random stream depends only on (seed, r).
+        """
+        batch, longest = len(prompts), max((len(p) for p in prompts), default=0)
+        if not batch or min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1 or stream_chunk < 1:
+            raise ValueError(f"max_new_tokens and stream_chunk must be >= 1, got {max_new_tokens}, {stream_chunk}")
+        if any(not 0 <= t < self.config.vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        room = self.max_len - max_new_tokens + 1
+        if longest > room:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} does not fit "
+                             f"max_len={self.max_len}")
+        tokens, positions, segments = left_pad(prompts, min(bucket(longest), room))
+        keys = self._put(row_keys(seed, batch), ("batch",))
+        stop_mask = np.zeros(self.config.vocab_size, bool)
+        stop_mask[[i for i in stop_ids if 0 <= i < self.config.vocab_size]] = True
+        is_stop = self._put(stop_mask, (None,))
+        limit = self._put(np.int32(max_new_tokens), ())
+        width = stream_chunk if on_tokens else self.max_len
+        emit = on_tokens or (lambda new: None)
+        rows: list[list[int]] = [[] for _ in range(batch)]
+
+        def collect(chunk: np.ndarray) -> None:
+            new = [[int(t) for t in row if t != EMPTY] for row in chunk]
+            for row, row_new in zip(rows, new, strict=True):
+                row.extend(row_new)
+            emit(new)
+
+        args = (self.params, self.empty_cache(batch), *(self._put(a, ("batch", "seq"))
+                                                          for a in (tokens, positions, segments)), keys, is_stop)
+        prefill, compile_s = self._executable(_prefill, args, batch)
+        start = time.perf_counter()
+        cache, state = prefill(*args)
+        collect(np.asarray(state.token)[:, None])
+        ttft_s = time.perf_counter() - start
+
+        decode, seconds = self._executable(_decode, (self.params, cache, state, keys, is_stop, limit), batch, width)
+        compile_s += seconds
+        start = time.perf_counter()
+        cache, state, chunk = decode(self.params, cache, state, keys, is_stop, limit)
+        while True:  # keep one chunk queued on the device while the host reads the previous one
+            cache, next_state, next_chunk = decode(self.params, cache, state, keys, is_stop, limit)
+            collect(np.asarray(chunk))
+            if int(state.step) >= max_new_tokens or bool(np.all(state.done)):
+                break
+            state, chunk = next_state, next_chunk
+        decode_s = time.perf_counter() - start
+
+        completions = [Completion(row, "stop" if stop_mask[row[-1]] else "length") for row in rows]
+        return Generation(completions, compile_s, ttft_s, decode_s, sum(len(r) - 1 for r in rows))
