@@ -65,11 +65,16 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
 
 
+def _replicated(params: Any) -> jax.sharding.Sharding:
+    """A sharding that puts a whole (small) array on every device the params live on."""
+    first = jax.tree.leaves(params)[0].sharding
+    return NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+
+
 def state_shardings(params: Any, optimizer: optax.GradientTransformation) -> Any:
     """Shardings of the optimizer state: each moment laid out like its param, everything else replicated."""
     param_shardings = jax.tree.map(lambda p: p.sharding, params)
-    first = jax.tree.leaves(param_shardings)[0]
-    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    replicated = _replicated(params)
     return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
                                  param_shardings, transform_non_params=lambda _: replicated)
 
@@ -79,6 +84,14 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainSta
     params = jax.tree.map(jnp.asarray, params)
     opt_state = jax.jit(optimizer.init, out_shardings=state_shardings(params, optimizer))(params)
     return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+
+
+def abstract_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """The TrainState of ShapeDtypeStructs (with shardings) for params given as such: a restore target."""
+    with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+    opt_state = jax.tree.map(with_sharding, jax.eval_shape(optimizer.init, params),
+                             state_shardings(params, optimizer))
+    return TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(params)))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: LlamaConfig,

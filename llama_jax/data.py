@@ -1,0 +1,175 @@
+"""Fine-tuning data: JSONL records -> token ids with loss masks -> fixed-shape (optionally packed) batches.
+
+A record is `{"text": ...}` (loss on every token) or `{"messages": [{"role", "content"}, ...]}` (rendered with the
+chat template; loss only on assistant turns, their end-of-turn token included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from llama_jax.chat import render_chat
+from llama_jax.errors import InputError
+
+TooLong = Literal["truncate", "skip"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    ids: np.ndarray        # [length] int32
+    loss_mask: np.ndarray  # [length] float32: weight of each token as a prediction target
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """How records become examples: the tokenizer, the chat template, and the special tokens it needs."""
+
+    tokenizer: Tokenizer
+    chat_template: str | None
+    bos_token: str = ""
+    eos_id: int | None = None
+
+    def text(self, text: str) -> Example:
+        """All tokens count; the tokenizer adds BOS if it is set up to, and EOS is appended so the model stops."""
+        ids = self.tokenizer.encode(text).ids + ([self.eos_id] if self.eos_id is not None else [])
+        return Example(np.asarray(ids, np.int32), np.ones(len(ids), np.float32))
+
+    def chat(self, messages: Sequence[dict]) -> Example:
+        """Only assistant turns count: each is the tokens between the prompt that asks for it and its end."""
+        if self.chat_template is None:
+            raise ValueError("a messages record needs a chat template, and this checkpoint has none")
+        render = lambda msgs, prompt: render_chat(msgs, self.tokenizer, self.chat_template,  # noqa: E731
+                                                  bos_token=self.bos_token, add_generation_prompt=prompt)
+        ids = render(messages, False)
+        mask = np.zeros(len(ids), np.float32)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[:i + 1], False)
+            if through[:len(before)] != before or ids[:len(through)] != through:
+                raise ValueError("the chat template does not render conversations prefix by prefix")
+            mask[len(before):len(through)] = 1
+        return Example(np.asarray(ids, np.int32), mask)
+
+    def record(self, record: object) -> Example:
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            return self.text(record["text"])
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages = record["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages) or not messages:
+                raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ValueError("a messages record needs at least one assistant turn to learn from")
+            return self.chat(messages)
+        raise ValueError('expected {"text": str} or {"messages": [...]}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    examples: list[Example]
+    truncated: int
+    skipped: int
+
+
+def load_jsonl(path: str | Path, encoder: Encoder, seq_len: int, too_long: TooLong = "truncate") -> Dataset:
+    """Encode every line of a JSONL file; InputError names `path:line` for a malformed one."""
+    path = Path(path)
+    examples, truncated, skipped = [], 0, 0
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            example = encoder.record(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}", f"not valid JSON ({e.msg})") from None
+        except ValueError as e:
+            raise InputError(f"{path}:{number}", str(e)) from None
+        if len(example.ids) > seq_len:
+            if too_long == "skip":
+                skipped += 1
+                continue
+            truncated += 1
+            example = Example(example.ids[:seq_len], example.loss_mask[:seq_len])
+        if example.loss_mask[1:].sum() == 0:
+            skipped += 1  # nothing left to learn from (e.g. the answer was truncated away)
+            continue
+        examples.append(example)
+    if not examples:
+        raise InputError(path, "no usable examples")
+    return Dataset(examples, truncated, skipped)
+
+
+def pack_rows(examples: Sequence[Example], seq_len: int, pack: bool) -> list[list[Example]]:
+    """Group examples into rows of at most `seq_len` tokens: one per row, or greedily packed in order."""
+    rows: list[list[Example]] = []
+    used = seq_len + 1
+    for example in examples:
+        if not pack or used + len(example.ids) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(example)
+        used += len(example.ids)
+    return rows
+
+
+def row_arrays(row: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
+    """One row `[seq_len]`: tokens, loss_mask, positions restarting per example, segment ids 1.. (0 = padding)."""
+    out = {"tokens": np.zeros(seq_len, np.int32), "loss_mask": np.zeros(seq_len, np.float32),
+           "positions": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32)}
+    start = 0
+    for segment, example in enumerate(row, start=1):
+        end = start + len(example.ids)
+        out["tokens"][start:end] = example.ids
+        out["loss_mask"][start:end] = example.loss_mask
+        out["positions"][start:end] = np.arange(len(example.ids))
+        out["segment_ids"][start:end] = segment
+        start = end
+    return out
+
+
+def epoch_rows(dataset: Dataset, seq_len: int, pack: bool, seed: int, epoch: int) -> list[list[Example]]:
+    """The rows of one epoch: examples shuffled by (seed, epoch), then grouped into rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset.examples))
+    return pack_rows([dataset.examples[i] for i in order], seq_len, pack)
+
+
+def batches(dataset: Dataset, *, batch_size: int, grad_accum: int, seq_len: int, pack: bool, seed: int,
+            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches `[grad_accum, batch_size, seq_len]`, epoch after epoch; skip the first `start` (resume).
+
+    Batch number n is the same whether reached directly or by resuming at `start = n`.
+    """
+    rows_per_batch = batch_size * grad_accum
+    epoch, rows, index = 0, epoch_rows(dataset, seq_len, pack, seed, 0), 0
+    produced = 0
+    while True:
+        batch = []
+        while len(batch) < rows_per_batch:
+            if index == len(rows):
+                epoch, index = epoch + 1, 0
+                rows = epoch_rows(dataset, seq_len, pack, seed, epoch)
+            batch.append(rows[index])
+            index += 1
+        if produced >= start:
+            arrays = [row_arrays(r, seq_len) for r in batch]
+            yield {k: np.stack([a[k] for a in arrays]).reshape(grad_accum, batch_size, seq_len) for k in arrays[0]}
+        produced += 1
+
+
+def batches_per_epoch(dataset: Dataset, *, batch_size: int, grad_accum: int, seq_len: int, pack: bool) -> int:
+    rows = len(pack_rows(dataset.examples, seq_len, pack))
+    return max(1, -(-rows // (batch_size * grad_accum)))
