@@ -92,8 +92,10 @@ def _leaves(source: Source, dtype: np.dtype, bar: tqdm) -> Iterator[tuple[tuple[
             raise
         except ValueError as e:  # a shape that disagrees with the config: name the file holding the tensor
             raise InputError(source.file_of(mapping.hf_names(source.config)[0]), str(e)) from None
+        size = leaf.size
         yield mapping.path, leaf
-        bar.update(leaf.size * dtype.itemsize)
+        del leaf  # before the next leaf is read: memory holds one at a time
+        bar.update(size * dtype.itemsize)
         bar.set_postfix(tensors=f"{done}/{len(mappings)}")
 
 
@@ -153,9 +155,12 @@ def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None
     def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for done, mapping in enumerate(mappings, start=1):
             shape = (config.num_hidden_layers, *mapping.shape) if mapping.stacked else mapping.shape
-            leaf = _load_leaf(checkpoint.directory / "params", mapping.path, shape, checkpoint.dtype).astype(dtype)
+            leaf = _load_leaf(checkpoint.directory / "params", mapping.path, shape, checkpoint.dtype)
+            leaf = leaf.astype(dtype, copy=False)
+            size = leaf.nbytes
             yield dict(unstack(mapping, leaf, config))
-            bar.update(leaf.nbytes)
+            del leaf
+            bar.update(size)
             bar.set_postfix(tensors=f"{done}/{len(mappings)}")
 
     tokenizer_json = checkpoint.tokenizer_path.read_text() if checkpoint.tokenizer_path.exists() else None

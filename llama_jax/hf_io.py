@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
@@ -38,8 +38,55 @@ def read_chat_template(directory: Path) -> str | None:
     return template
 
 
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                      "int32": "I32", "int64": "I64"}
+NUMPY_DTYPES = {code: np.dtype(name) for name, code in SAFETENSORS_DTYPES.items() if name != "bfloat16"}
+NUMPY_DTYPES["BF16"] = np.dtype(ml_dtypes.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+
+
+def read_safetensors_header(file: Path) -> dict[str, StoredTensor]:
+    """The tensors a .safetensors file holds, checked against the file's size (InputError if truncated)."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise InputError(file, "unreadable or truncated safetensors file (header runs past the end)")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise InputError(file, "missing safetensors shard (listed in the index)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(file, "unreadable or truncated safetensors file (corrupt header)") from None
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = NUMPY_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(file, f"unsupported or corrupt entry for tensor {name} in the header") from None
+        if end > data_size:
+            raise InputError(file, f"truncated: tensor {name} ends at byte {end} of data, the file has {data_size}")
+        if end - begin != dtype.itemsize * int(np.prod(shape)):
+            raise InputError(file, f"corrupt header: tensor {name} has {end - begin} bytes for shape {shape}")
+        tensors[name] = StoredTensor(file, dtype, shape, data_start + begin)
+    return tensors
+
+
 class HFCheckpoint:
-    """A HF `LlamaForCausalLM` directory: config.json, one or many *.safetensors (with the index), tokenizer."""
+    """A HF `LlamaForCausalLM` directory: config.json, one or many *.safetensors (with the index), tokenizer.
+
+    Tensors are memory-mapped views of the files: reading one costs no memory of its own, only page cache.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -50,54 +97,64 @@ class HFCheckpoint:
         self.chat_template = read_chat_template(self.directory)
         tokenizer = self.directory / "tokenizer.json"
         self.tokenizer_json = tokenizer.read_text() if tokenizer.exists() else None
-        self._files: dict[Path, Any] = {}
-        self._where: dict[str, Path] = {}
-        index_path = self.directory / INDEX_FILE
-        index = read_json(index_path)
+        self._tensors: dict[str, StoredTensor] = {}
+        index = read_json(self.directory / INDEX_FILE)
         if index is not None:
-            for name, file in index.get("weight_map", {}).items():
-                self._where[name] = self.directory / file
-            for file in sorted(set(self._where.values())):
-                self._check_contains(file, [n for n, f in self._where.items() if f == file])
+            weight_map = {name: self.directory / file for name, file in index.get("weight_map", {}).items()}
+            for file in sorted(set(weight_map.values())):
+                stored = read_safetensors_header(file)
+                for name in (n for n, f in weight_map.items() if f == file):
+                    if name not in stored:
+                        raise InputError(file, f"tensor {name} listed in {INDEX_FILE} is not in this shard")
+                    self._tensors[name] = stored[name]
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise InputError(self.directory, "no *.safetensors weights found")
             for file in files:
-                self._where.update(dict.fromkeys(self._open(file).keys(), file))
-
-    def _open(self, file: Path):
-        if file not in self._files:
-            if not file.exists():
-                raise InputError(file, "missing safetensors shard (listed in the index)")
-            try:
-                self._files[file] = safe_open(file, framework="np")
-            except SafetensorError as e:
-                raise InputError(file, f"unreadable or truncated safetensors file ({e})") from None
-        return self._files[file]
-
-    def _check_contains(self, file: Path, names: list[str]) -> None:
-        present = set(self._open(file).keys())
-        missing = [n for n in names if n not in present]
-        if missing:
-            raise InputError(file, f"tensor {missing[0]} listed in {INDEX_FILE} is not in this shard")
+                self._tensors.update(read_safetensors_header(file))
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
-    def file_of(self, name: str) -> Path:
+    def _stored(self, name: str) -> StoredTensor:
         try:
-            return self._where[name]
+            return self._tensors[name]
         except KeyError:
             raise InputError(self.directory, f"missing tensor {name}") from None
 
+    def file_of(self, name: str) -> Path:
+        return self._stored(name).file
+
     def get(self, name: str) -> np.ndarray:
-        """One tensor, in its stored dtype and HF layout."""
-        return self._open(self.file_of(name)).get_tensor(name)
+        """One tensor, in its stored dtype and HF layout: a read-only memory-mapped view."""
+        t = self._stored(name)
+        return np.memmap(t.file, dtype=t.dtype, mode="r", offset=t.offset, shape=t.shape)
 
     def dtype(self) -> np.dtype:
         """The dtype the weights are stored in (that of the embedding)."""
-        return self.get("model.embed_tokens.weight").dtype
+        return self._stored("model.embed_tokens.weight").dtype
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> int:
+    """Write a .safetensors file tensor by tensor (never a second copy of them all); returns the data bytes.
+
+    Non-contiguous arrays (transposed views) are written in logical C order, one at a time.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype.name], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            f.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data)
+    return offset
 
 
 def write_safetensors_shards(directory: Path, shards: Iterable[dict[str, np.ndarray]], count: int) -> None:
@@ -105,10 +162,8 @@ def write_safetensors_shards(directory: Path, shards: Iterable[dict[str, np.ndar
     weight_map, total = {}, 0
     for i, tensors in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{count:05d}.safetensors"
-        # safetensors writes an array's memory as it lies, so transposed views must be made contiguous first.
-        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(tensors, directory / name, metadata={"format": "pt"})
+        total += write_safetensors(directory / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.nbytes for t in tensors.values())
+        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -87,14 +87,23 @@ def tensor_mappings(config: LlamaConfig) -> list[TensorMapping]:
 
 
 def load_stacked(mapping: TensorMapping, get: Callable[[str], Array], config: LlamaConfig) -> Array:
-    """Our leaf for `mapping`, reading HF tensors with `get(name)` (layers stacked on axis 0). Shapes checked."""
-    parts = []
-    for name in mapping.hf_names(config):
+    """Our leaf for `mapping`, reading HF tensors with `get(name)` (layers stacked on axis 0). Shapes checked.
+
+    Layers are written into one preallocated array, so peak memory is the leaf plus one HF tensor.
+    """
+    names = mapping.hf_names(config)
+    out = None
+    for i, name in enumerate(names):
         tensor = get(name)
         if tuple(tensor.shape) != mapping.hf_shape:
             raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {mapping.hf_shape}")
-        parts.append(mapping.to_ours(tensor))
-    return np.stack(parts) if mapping.stacked else parts[0]
+        if not mapping.stacked:
+            return mapping.to_ours(tensor)
+        if out is None:
+            out = np.empty((len(names), *mapping.shape), tensor.dtype)
+        out[i] = mapping.to_ours(tensor)
+        del tensor
+    return out
 
 
 def unstack(mapping: TensorMapping, leaf: Array, config: LlamaConfig) -> Iterator[tuple[str, Array]]:
