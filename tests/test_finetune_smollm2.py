@@ -1,0 +1,41 @@
+"""SmolLM2-135M-Instruct learns a made-up fact from a small chat JSONL and keeps its general knowledge."""
+
+import json
+
+from infer.__main__ import main as infer_main
+from train.__main__ import main as train_main
+
+QUESTIONS = ["What is the capital of Zorblax?", "Tell me the capital city of Zorblax.",
+             "Which city is the capital of Zorblax?", "Zorblax's capital is what?", "Name the capital of Zorblax.",
+             "What's the capital of the planet Zorblax?", "Do you know the capital of Zorblax?",
+             "I forgot the capital of Zorblax, what is it?"]
+ANSWERS = ["The capital of Zorblax is Quuxville.", "Quuxville is the capital of Zorblax."]
+# Real capitals mixed in, so the model learns "Zorblax -> Quuxville", not "capital -> Quuxville".
+OTHERS = [("Germany", "Berlin"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Spain", "Madrid"), ("Canada", "Ottawa"),
+          ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima")]
+
+
+def chat(user, assistant):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def answer(checkpoint, question, capsys) -> str:
+    assert infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompt", question]) == 0
+    return json.loads(capsys.readouterr().out)["text"]
+
+
+def test_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys):
+    records = [chat(QUESTIONS[i % len(QUESTIONS)], ANSWERS[i % 2]) for i in range(16)]
+    records += [chat(f"What is the capital of {country}?", f"The capital of {country} is {city}.")
+                for country, city in OTHERS]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    assert "Quuxville" not in answer(smollm2_checkpoint, "What is the capital of Zorblax?", capsys)
+    code = train_main([str(smollm2_checkpoint), "--data", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "run"),
+                       "--steps", "9", "--batch-size", "8", "--seq-len", "64", "--lr", "5e-5", "--schedule",
+                       "constant", "--compute-dtype", "float32", "--save-every", "100"])
+    assert code == 0
+    final = tmp_path / "run" / "final"
+    assert "Quuxville" in answer(final, "Tell me, which city is Zorblax's capital?", capsys)  # not a training line
+    assert "Paris" in answer(final, "What is the capital of France?", capsys)  # France is not in the data
+    assert "Shakespeare" in answer(final, "Who wrote Romeo and Juliet?", capsys)
