@@ -133,7 +133,7 @@ def run(args) -> int:
         on_tokens = None
         if stream:
             decoder = StreamDecoder(tokenizer)
-            on_tokens = lambda new: print(decoder.push(new[0]), end="", flush=True)  # noqa: E731
+            on_tokens = lambda new, d=decoder: print(d.push(new[0]), end="", flush=True)  # noqa: E731
         result = engine.generate(batch, max_new_tokens=args.max_new_tokens, stop_ids=checkpoint.stop_ids,
                                  seed=args.seed + first, on_tokens=on_tokens)
         for i, (ids, completion) in enumerate(zip(batch, result.completions, strict=True)):

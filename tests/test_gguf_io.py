@@ -18,7 +18,7 @@ from llama_jax import gguf_io
 from llama_jax.errors import InputError
 from llama_jax.gguf_io import open_gguf, smollm2_gguf_path, tokenizer_json_from_metadata
 
-from gguf_files import TINY, hf_tensors, llama_cpp_permute, tiny_gguf_file, to_llama_cpp, write_gguf
+from gguf_files import TINY, hf_tensors, tiny_gguf_file, to_llama_cpp, write_gguf
 
 @pytest.fixture
 def tiny_gguf(tmp_path):
