@@ -122,7 +122,8 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
     """Write a checkpoint atomically from (params path, array) pairs produced one at a time.
 
     `leaves` must cover the whole params tree of `config`; each is cast to `dtype` and saved before the next is
-    requested, so peak memory is about one stacked tensor. Returns the destination path.
+    requested, so peak memory is about one stacked tensor. Returns the destination path. In a multi-process JAX
+    job every process calls it with the same leaves; process 0 writes them.
     """
     dtype = jnp.dtype(dtype)
     with atomic_directory(destination, force=force) as work, _storage_context():
@@ -139,14 +140,21 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
         if expected:
             raise ValueError(f"params leaves never written: {sorted('/'.join(p) for p in expected)}")
         ocp.partial.finalize(params_dir)
-        config.save(work / "config.json")
-        (work / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-        if tokenizer_json is not None:
-            (work / "tokenizer.json").write_text(tokenizer_json)
-        if chat_template is not None:
-            (work / "chat_template.jinja").write_text(chat_template)
-        metadata = {"format": FORMAT, "version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
-                    "converter": f"llama_jax {importlib.metadata.version('llama_jax')}",
-                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if jax.process_index() == 0:
+            _write_small_files(work, config, dtype, source, tokenizer_json, chat_template, generation_config)
     return Path(destination)
+
+
+def _write_small_files(work: Path, config: LlamaConfig, dtype: np.dtype, source: str, tokenizer_json: str | None,
+                       chat_template: str | None, generation_config: dict) -> None:
+    """Everything but the params; the metadata file last, since it marks the checkpoint complete."""
+    config.save(work / "config.json")
+    (work / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (work / "tokenizer.json").write_text(tokenizer_json)
+    if chat_template is not None:
+        (work / "chat_template.jinja").write_text(chat_template)
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
+                "converter": f"llama_jax {importlib.metadata.version('llama_jax')}",
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

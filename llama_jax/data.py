@@ -12,10 +12,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import numpy as np
 from tokenizers import Tokenizer
 
-from llama_jax.chat import render_chat
+from llama_jax.chat import chat_template_for, render_chat
+from llama_jax.checkpoint import Checkpoint
 from llama_jax.errors import InputError
 
 TooLong = Literal["truncate", "skip"]
@@ -34,7 +36,8 @@ class Encoder:
     tokenizer: Tokenizer
     chat_template: str | None
     bos_token: str = ""
-    eos_id: int | None = None
+    eos_id: int | None = None  # appended to every text record
+    turn_end_ids: frozenset[int] = frozenset()  # special tokens that end a turn: nothing after them is learned
 
     def text(self, text: str) -> Example:
         """All tokens count; the tokenizer adds BOS if it is set up to, and EOS is appended so the model stops."""
@@ -42,21 +45,29 @@ class Encoder:
         return Example(np.asarray(ids, np.int32), np.ones(len(ids), np.float32))
 
     def chat(self, messages: Sequence[dict]) -> Example:
-        """Only assistant turns count: each is the tokens between the prompt that asks for it and its end."""
+        """Only assistant turns count: each from the end of the prompt that asks for it through its end-of-turn
+        token (the template's tokens after that, such as ChatML's newline, do not)."""
         if self.chat_template is None:
             raise ValueError("a messages record needs a chat template, and this checkpoint has none")
-        render = lambda msgs, prompt: render_chat(msgs, self.tokenizer, self.chat_template,  # noqa: E731
-                                                  bos_token=self.bos_token, add_generation_prompt=prompt)
-        ids = render(messages, False)
+        ids = self._render(messages, False)
         mask = np.zeros(len(ids), np.float32)
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, through = render(messages[:i], True), render(messages[:i + 1], False)
+            before, through = self._render(messages[:i], True), self._render(messages[:i + 1], False)
             if through[:len(before)] != before or ids[:len(through)] != through:
                 raise ValueError("the chat template does not render conversations prefix by prefix")
-            mask[len(before):len(through)] = 1
+            turn = through[len(before):]
+            ends = [j for j, token in enumerate(turn) if token in self.turn_end_ids]
+            mask[len(before):len(before) + (ends[-1] + 1 if ends else len(turn))] = 1
         return Example(np.asarray(ids, np.int32), mask)
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+        try:
+            return render_chat(messages, self.tokenizer, self.chat_template, bos_token=self.bos_token,
+                               add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template refused these messages: {e}") from None
 
     def record(self, record: object) -> Example:
         if isinstance(record, dict) and isinstance(record.get("text"), str):
@@ -72,6 +83,23 @@ class Encoder:
         raise ValueError('expected {"text": str} or {"messages": [...]}')
 
 
+def encoder_for(checkpoint: Checkpoint) -> Encoder:
+    """The Encoder for a checkpoint: its tokenizer and chat template, EOS from its config, stop ids as turn ends."""
+    if not checkpoint.tokenizer_path.exists():
+        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json; training needs one")
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    try:
+        template = chat_template_for(tokenizer, checkpoint.chat_template)
+    except ValueError:
+        template = None
+    config = checkpoint.config
+    bos = tokenizer.id_to_token(config.bos_token_id) if config.bos_token_id is not None else None
+    specials = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    return Encoder(tokenizer, template, bos_token=bos or "",
+                   eos_id=config.eos_token_id[0] if config.eos_token_id else None,
+                   turn_end_ids=frozenset(specials.intersection(checkpoint.stop_ids)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     examples: list[Example]
@@ -80,7 +108,12 @@ class Dataset:
 
 
 def load_jsonl(path: str | Path, encoder: Encoder, seq_len: int, too_long: TooLong = "truncate") -> Dataset:
-    """Encode every line of a JSONL file; InputError names `path:line` for a malformed one."""
+    """Encode every line of a JSONL file; InputError names `path:line` for a malformed one.
+
+    Examples longer than `seq_len` are cut to it ("truncate") or dropped ("skip"); an example left with no target
+    to learn (e.g. its answer truncated away) is dropped too. Each example is counted at most once: `skipped`
+    holds every dropped one, `truncated` those kept after cutting.
+    """
     path = Path(path)
     examples, truncated, skipped = [], 0, 0
     try:
@@ -98,15 +131,13 @@ def load_jsonl(path: str | Path, encoder: Encoder, seq_len: int, too_long: TooLo
             raise InputError(f"{path}:{number}", f"not valid JSON ({e.msg})") from None
         except ValueError as e:
             raise InputError(f"{path}:{number}", str(e)) from None
-        if len(example.ids) > seq_len:
-            if too_long == "skip":
-                skipped += 1
-                continue
-            truncated += 1
+        cut = len(example.ids) > seq_len
+        if cut:
             example = Example(example.ids[:seq_len], example.loss_mask[:seq_len])
-        if example.loss_mask[1:].sum() == 0:
-            skipped += 1  # nothing left to learn from (e.g. the answer was truncated away)
+        if (cut and too_long == "skip") or not example.loss_mask[1:].any():
+            skipped += 1
             continue
+        truncated += cut
         examples.append(example)
     if not examples:
         raise InputError(path, "no usable examples")
@@ -147,11 +178,18 @@ def epoch_rows(dataset: Dataset, seq_len: int, pack: bool, seed: int, epoch: int
     return pack_rows([dataset.examples[i] for i in order], seq_len, pack)
 
 
+def stack_rows(rows: Sequence[Sequence[Example]], seq_len: int) -> dict[str, np.ndarray]:
+    """Rows of examples -> arrays `[len(rows), seq_len]` (see `row_arrays`)."""
+    arrays = [row_arrays(row, seq_len) for row in rows]
+    return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+
+
 def batches(dataset: Dataset, *, batch_size: int, grad_accum: int, seq_len: int, pack: bool, seed: int,
             start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches `[grad_accum, batch_size, seq_len]`, epoch after epoch; skip the first `start` (resume).
 
-    Batch number n is the same whether reached directly or by resuming at `start = n`.
+    A batch that reaches past the end of an epoch is filled from the next one. Batch number n is the same
+    whether reached directly or by resuming at `start = n`.
     """
     rows_per_batch = batch_size * grad_accum
     epoch, rows, index = 0, epoch_rows(dataset, seq_len, pack, seed, 0), 0
@@ -165,11 +203,19 @@ def batches(dataset: Dataset, *, batch_size: int, grad_accum: int, seq_len: int,
             batch.append(rows[index])
             index += 1
         if produced >= start:
-            arrays = [row_arrays(r, seq_len) for r in batch]
-            yield {k: np.stack([a[k] for a in arrays]).reshape(grad_accum, batch_size, seq_len) for k in arrays[0]}
+            yield {k: v.reshape(grad_accum, batch_size, seq_len) for k, v in stack_rows(batch, seq_len).items()}
         produced += 1
 
 
+def eval_batches(dataset: Dataset, *, batch_size: int, seq_len: int, pack: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once, in file order: batches `[batch_size, seq_len]`, the last filled with padding."""
+    rows = pack_rows(dataset.examples, seq_len, pack)
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        yield stack_rows(chunk + [[]] * (batch_size - len(chunk)), seq_len)
+
+
 def batches_per_epoch(dataset: Dataset, *, batch_size: int, grad_accum: int, seq_len: int, pack: bool) -> int:
+    """Optimizer steps for one pass over the data (with packing, as packed in file order)."""
     rows = len(pack_rows(dataset.examples, seq_len, pack))
     return max(1, -(-rows // (batch_size * grad_accum)))

@@ -1,7 +1,7 @@
 """Resumable training checkpoints: an Orbax CheckpointManager of the train state plus the run's position.
 
 Orbax commits a step by renaming a finished temporary directory, so a save interrupted by a crash or a
-kill -9 is never listed (and is cleaned up) : `latest_step` only ever names complete checkpoints.
+kill -9 is never listed (and is cleaned up): `latest_step` only ever names complete checkpoints.
 """
 
 from __future__ import annotations

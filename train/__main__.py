@@ -1,7 +1,21 @@
 """python -m train CKPT_DIR --data TRAIN.jsonl --out RUN_DIR [options]: fine-tune a llama_jax checkpoint.
 
-Running the same command again resumes from RUN_DIR's newest checkpoint. SIGINT/SIGTERM save one first.
-The trained params land in RUN_DIR/final, a checkpoint that `python -m infer` and `convert export` read.
+`--steps` is the run's total number of optimizer steps. Running the same command again resumes from RUN_DIR's
+newest checkpoint (params, optimizer state, step, data position) and gives the same losses as a run never
+stopped. SIGINT/SIGTERM finish the current step, save a checkpoint and exit (a second signal exits at once).
+RUN_DIR/metrics.jsonl gets a line per step; RUN_DIR/final is a checkpoint that `python -m infer` and
+`python -m convert export` read. A non-finite loss stops the run and leaves the last good checkpoint newest.
+Setting JAX_COMPILATION_CACHE_DIR lets a resumed run reuse the compiled step.
+
+Multi-host: run the same command on every host, adding `--coordinator HOST:PORT --num-processes N
+--process-id I` (HOST: process 0's machine, PORT: a free port there), or only `--coordinator auto` where
+jax.distributed reads the cluster's environment (Cloud TPU, SLURM, Open MPI). RUN_DIR must be a directory all
+hosts share. Each process feeds its own devices' share of every batch; process 0 writes metrics and final.
+Two processes on one machine, 4 CPU devices each:
+
+    export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4
+    python -m train CKPT --data d.jsonl --out RUN --coordinator 127.0.0.1:7777 --num-processes 2 --process-id 0 &
+    python -m train CKPT --data d.jsonl --out RUN --coordinator 127.0.0.1:7777 --num-processes 2 --process-id 1
 """
 
 from __future__ import annotations
@@ -10,28 +24,29 @@ import argparse
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llama_jax.chat import chat_template_for
 from llama_jax.checkpoint import load_params, open_checkpoint, write_checkpoint
-from llama_jax.data import Encoder, batches, batches_per_epoch, load_jsonl
+from llama_jax.data import batches, batches_per_epoch, encoder_for, eval_batches, load_jsonl
 from llama_jax.errors import InputError
-from llama_jax.loss import next_token_loss
 from llama_jax.flops import measured_peak_flops, training_flops_per_token
+from llama_jax.loss import next_token_loss
 from llama_jax.model import param_shapes, param_shardings
 from llama_jax.run_checkpoints import RunCheckpoints
 from llama_jax.sharding import make_mesh, named_sharding, place
-from llama_jax.training import (OptimizerConfig, abstract_state, init_state, learning_rate, make_optimizer,
-                                train_step)
+from llama_jax.training import (OptimizerConfig, TrainState, abstract_state, init_state, learning_rate,
+                                make_optimizer, train_step)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -53,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--eval-data", metavar="EVAL.jsonl")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=positive(int), help="total optimizer steps of the run")
+    length.add_argument("--steps", type=positive(int), help="total optimizer steps of the run, resumed or not")
     length.add_argument("--epochs", type=positive(float), help="passes over the data (default 1)")
     p.add_argument("--batch-size", type=positive(int), default=8)
     p.add_argument("--seq-len", type=positive(int), default=512)
@@ -74,47 +89,104 @@ def parse_args(argv):
     p.add_argument("--pack", action="store_true", help="pack several examples into each sequence")
     p.add_argument("--too-long", choices=("truncate", "skip"), default="truncate",
                    help="what to do with examples longer than --seq-len")
+    p.add_argument("--peak-tflops", type=positive(float),
+                   help="one device's peak TFLOP/s, for MFU (default: measured with a matmul at start)")
+    hosts = p.add_argument_group("multi-host (jax.distributed.initialize)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address, or 'auto' to read the cluster's environment")
+    hosts.add_argument("--num-processes", type=positive(int))
+    hosts.add_argument("--process-id", type=int)
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.coordinator is None and (args.num_processes is not None or args.process_id is not None):
+        p.error("--num-processes and --process-id need --coordinator")
     return args
 
 
-class StopRequested:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so a checkpoint can be saved)."""
+def start_distributed(args) -> None:
+    """Join the multi-host job, before anything else touches JAX's backends."""
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+    elif args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    def __init__(self):
+
+def say(message: str) -> None:
+    """A status line on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+class StopRequested:
+    """While active, the first SIGINT/SIGTERM only sets `signal` (the loop saves and stops); a second acts as usual."""
+
+    def __enter__(self):
         self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def _handle(self, signum, _frame):
         self.signal = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __exit__(self, *_):
+        self._restore()
 
 
-def evaluate(eval_step, state, dataset, args, mesh) -> float:
-    """Mean loss over the eval set, batch by batch (token-weighted)."""
+def on_any_process(flag: bool) -> bool:
+    """Whether `flag` is set on some process; the same answer everywhere, so all processes save and stop together."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global host arrays (`[accum, batch, seq]` or `[batch, seq]`) -> arrays sharded over the batch axis."""
+    return {k: place(v, named_sharding(mesh, (None, "batch", "seq")[-v.ndim:], v.shape)) for k, v in batch.items()}
+
+
+def eval_sums(params, batch, *, config, dtype) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, number of targets) of a batch `[batch, seq]`."""
+    _, aux = next_token_loss(params, batch, config, dtype=dtype)
+    return aux["loss_sum"], aux["weight"]
+
+
+def evaluate(eval_step, params, dataset, args, mesh) -> float:
+    """Mean loss over every eval example (token-weighted)."""
     total, weight = 0.0, 0.0
-    count = batches_per_epoch(dataset, batch_size=args.batch_size, grad_accum=1, seq_len=args.seq_len,
-                              pack=args.pack)
-    for _, batch in zip(range(count), batches(dataset, batch_size=args.batch_size, grad_accum=1,
-                                                seq_len=args.seq_len, pack=args.pack, seed=args.seed)):
-        loss_sum, w = eval_step(state.params, place_batch(batch, mesh))
+    for batch in eval_batches(dataset, batch_size=args.batch_size, seq_len=args.seq_len, pack=args.pack):
+        loss_sum, w = eval_step(params, place_batch(batch, mesh))
         total, weight = total + float(loss_sum), weight + float(w)
     return total / max(weight, 1.0)
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global `[accum, batch, seq]` host arrays -> arrays sharded over the batch axis (each process its part)."""
-    return {k: place(v, named_sharding(mesh, (None, "batch", "seq")[-v.ndim:], v.shape)) for k, v in batch.items()}
+def initial_state(checkpoints: RunCheckpoints, checkpoint, mesh, optimizer, param_dtype) -> tuple[TrainState, int]:
+    """The newest saved state and the batches it consumed, or a fresh state from the checkpoint's params and 0."""
+    config = checkpoint.config
+    if checkpoints.latest_step() is None:
+        return init_state(load_params(checkpoint, mesh=mesh, dtype=param_dtype), optimizer), 0
+    abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   param_shapes(config, param_dtype), param_shardings(config, mesh))
+    state, progress = checkpoints.restore(abstract_state(abstract_params, optimizer))
+    return state, int(progress["batches_consumed"])
 
 
-def save_final(run_dir: Path, checkpoint, params, dtype) -> Path:
-    leaves = ((tuple(k.key for k in path), np.asarray(jax.device_get(leaf)))
-              for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
+def host_leaves(params) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(params path, the whole array on this host) leaf by leaf; a collective, so every process must iterate."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        yield tuple(k.key for k in path), np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
+def save_final(run_dir: Path, checkpoint, params) -> Path:
+    """RUN_DIR/final, in the input checkpoint's dtype; every process takes part (the leaves are gathered)."""
     tokenizer = checkpoint.tokenizer_path.read_text() if checkpoint.tokenizer_path.exists() else None
-    return write_checkpoint(run_dir / "final", checkpoint.config, leaves, dtype=dtype, source=f"train:{run_dir}",
-                            tokenizer_json=tokenizer, chat_template=checkpoint.chat_template,
+    return write_checkpoint(run_dir / "final", checkpoint.config, host_leaves(params), dtype=checkpoint.dtype,
+                            source=f"train:{run_dir}", tokenizer_json=tokenizer, chat_template=checkpoint.chat_template,
                             generation_config=checkpoint.generation_config, force=True)
 
 
@@ -128,106 +200,92 @@ def trim_metrics(path: Path, last_step: int) -> None:
 def run(args) -> int:
     checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
-    if not checkpoint.tokenizer_path.exists():
-        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json; training needs one")
-    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
-    try:
-        template = chat_template_for(tokenizer, checkpoint.chat_template)
-    except ValueError:
-        template = None
-    bos = tokenizer.id_to_token(config.bos_token_id) if config.bos_token_id is not None else ""
-    encoder = Encoder(tokenizer, template, bos_token=bos or "",
-                      eos_id=checkpoint.stop_ids[0] if checkpoint.stop_ids else None)
+    encoder = encoder_for(checkpoint)
     train_set = load_jsonl(args.data, encoder, args.seq_len, args.too_long)
     eval_set = load_jsonl(args.eval_data, encoder, args.seq_len, args.too_long) if args.eval_data else None
     per_epoch = batches_per_epoch(train_set, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                   seq_len=args.seq_len, pack=args.pack)
     total_steps = args.steps or max(1, math.ceil((args.epochs or 1.0) * per_epoch))
-    print(f"{len(train_set.examples)} examples ({train_set.truncated} truncated, {train_set.skipped} skipped), "
-          f"{per_epoch} steps per epoch, {total_steps} steps", file=sys.stderr)
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise InputError("--mesh", str(e)) from None
+    say(f"{len(train_set.examples)} examples ({train_set.truncated} truncated, {train_set.skipped} skipped), "
+        f"{per_epoch} steps per epoch, {total_steps} steps, {jax.device_count()} devices")
 
-    mesh = make_mesh(args.mesh)
     param_dtype, compute_dtype = DTYPES[args.param_dtype], DTYPES[args.compute_dtype]
     opt_config = OptimizerConfig(total_steps=total_steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                                  weight_decay=args.weight_decay, clip=args.clip)
     optimizer, schedule = make_optimizer(opt_config), learning_rate(opt_config)
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = RunCheckpoints(run_dir, args.keep)
+    primary = jax.process_index() == 0
     metrics_path = run_dir / "metrics.jsonl"
-
-    with jax.set_mesh(mesh):
-        if checkpoints.latest_step() is not None:
-            shapes, shardings = param_shapes(config, param_dtype), param_shardings(config, mesh)
-            abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                           shapes, shardings)
-            state, progress = checkpoints.restore(abstract_state(abstract_params, optimizer))
-            trim_metrics(metrics_path, int(state.step))
-            print(f"resuming {run_dir} at step {int(state.step)}", file=sys.stderr)
-        else:
-            state = init_state(load_params(checkpoint, mesh=mesh, dtype=param_dtype), optimizer)
-        start = int(state.step)
-
-        step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
-                                            dtype=compute_dtype, remat=args.remat), donate_argnums=0)
-        eval_step = jax.jit(lambda p, b: _eval_sums(p, b, config, compute_dtype))
-        peak = measured_peak_flops(compute_dtype)
-        flops_per_token = training_flops_per_token(config, args.seq_len)
-        stop = StopRequested()
-        data = batches(train_set, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                       pack=args.pack, seed=args.seed, start=start)
-        eval_every = args.eval_every or args.save_every
-        bar = tqdm(total=total_steps, initial=start, desc="train", disable=not sys.stdout.isatty())
-        with bar, metrics_path.open("a") as metrics_file:
-            for step in range(start, total_steps):
-                batch = next(data)
-                began = time.perf_counter()
-                new_state, metrics = step_fn(state, place_batch(batch, mesh))
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    print(f"error: loss became {loss} at step {step + 1}; stopping. The last good checkpoint "
-                          f"(step {checkpoints.latest_step()}) is intact in {run_dir / 'checkpoints'}",
-                          file=sys.stderr)
-                    return 1
-                state = new_state
-                seconds = time.perf_counter() - began
-                tokens = float((batch["segment_ids"] > 0).sum())
-                record = {"step": step + 1, "loss": loss, "lr": float(metrics["lr"]),
-                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens / seconds,
-                          "mfu": flops_per_token * tokens / seconds / peak}
-                if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
-                    record["eval_loss"] = evaluate(eval_step, state, eval_set, args, mesh)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-                done = step + 1 == total_steps
-                if (step + 1) % args.save_every == 0 or done or stop.signal is not None:
-                    checkpoints.save(step + 1, state, {"step": step + 1, "batches_consumed": step + 1,
+    checkpoints = RunCheckpoints(run_dir, args.keep)
+    try:
+        with jax.set_mesh(mesh):
+            state, consumed = initial_state(checkpoints, checkpoint, mesh, optimizer, param_dtype)
+            start = int(state.step)
+            if primary:
+                trim_metrics(metrics_path, start)
+            if start:
+                say(f"resuming {run_dir} at step {start}")
+            step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
+                                                dtype=compute_dtype, remat=args.remat), donate_argnums=0)
+            eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype))
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(compute_dtype)
+            flops_per_token = training_flops_per_token(config, args.seq_len)
+            data = batches(train_set, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                           pack=args.pack, seed=args.seed, start=consumed)
+            eval_every = args.eval_every or args.save_every
+            bar = tqdm(total=total_steps, initial=start, desc="train", disable=not (primary and sys.stdout.isatty()))
+            with StopRequested() as stop, bar, open(metrics_path if primary else os.devnull, "a") as metrics_file:
+                for step in range(start + 1, total_steps + 1):
+                    batch = next(data)
+                    began = time.perf_counter()
+                    new_state, metrics = step_fn(state, place_batch(batch, mesh))
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        say(f"error: loss became {loss} at step {step}; stopping. The newest checkpoint, step "
+                            f"{checkpoints.latest_step()}, in {run_dir / 'checkpoints'} is the last good one")
+                        return 1
+                    state = new_state
+                    seconds = time.perf_counter() - began
+                    tokens = float((batch["segment_ids"] > 0).sum())
+                    record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
+                              "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens / seconds,
+                              "mfu": flops_per_token * tokens / seconds / (peak * jax.device_count())}
+                    if eval_set is not None and (step % eval_every == 0 or step == total_steps):
+                        record["eval_loss"] = evaluate(eval_step, state.params, eval_set, args, mesh)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+                    stopping = on_any_process(stop.signal is not None) and step < total_steps
+                    if step % args.save_every == 0 or step == total_steps or stopping:
+                        checkpoints.save(step, state, {"step": step, "batches_consumed": step - start + consumed,
                                                        "seed": args.seed})
-                if stop.signal is not None and not done:
-                    print(f"stopped by signal {stop.signal} at step {step + 1}; checkpoint saved, run the same "
-                          "command to resume", file=sys.stderr)
-                    return 128 + stop.signal
+                    if stopping:
+                        say(f"stopped by a signal at step {step}; checkpoint saved; run the same command to resume")
+                        return 128 + (stop.signal or signal.SIGTERM)
+            final = save_final(run_dir, checkpoint, state.params)
+    finally:
         checkpoints.close()
-        final = save_final(run_dir, checkpoint, state.params, checkpoint.dtype)
-    print(f"wrote {final}")
+    say(f"wrote {final}")
     return 0
-
-
-def _eval_sums(params, batch, config, dtype):
-    squeeze = {k: v[0] for k, v in batch.items()}
-    _, aux = next_token_loss(params, squeeze, config, dtype=dtype)
-    return aux["loss_sum"], aux["weight"]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    start_distributed(args)
     try:
         return run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; the newest checkpoint in RUN_DIR/checkpoints is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
