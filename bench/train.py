@@ -1,0 +1,89 @@
+"""Training-step runs: llama_jax's jitted `train_step` and, as the peer, a torch step of the transformers model.
+
+Both take one optimizer step (forward, backward, global-norm clip 1.0, AdamW) on the same `[batch, seq]` tokens
+with every token after the first as a target. A runner compiles/warms up once; each call times one step.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.training import OptimizerConfig, init_state, learning_rate, make_optimizer, train_step
+
+OPTIMIZER = OptimizerConfig(total_steps=1000, lr=1e-5, warmup=0, schedule="constant")
+
+
+def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab_size, size=(batch, seq_len)).astype(np.int32)
+
+
+class OurTrainStep:
+    """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute."""
+
+    def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
+                 copy_params: bool = True):
+        optimizer = make_optimizer(OPTIMIZER)
+        tokens = token_batch(config.vocab_size, batch, seq_len)
+        mask = np.ones_like(tokens, np.float32)
+        mask[:, 0] = 0
+        self.batch = {"tokens": jnp.asarray(tokens)[None], "loss_mask": jnp.asarray(mask)[None]}  # accum = 1
+        self.tokens = batch * seq_len
+        # the step donates the state: train a copy unless the caller hands the params over
+        self.state = init_state(jax.tree.map(jnp.copy, params) if copy_params else params, optimizer)
+        step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
+                                         schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat),
+                       donate_argnums=0)
+        start = time.perf_counter()
+        self.step = step.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self()
+        self.warmup_s = time.perf_counter() - start
+
+    def __call__(self) -> dict:
+        start = time.perf_counter()
+        self.state, metrics = self.step(self.state, self.batch)
+        loss = float(metrics["loss"])  # waits for the step
+        seconds = time.perf_counter() - start
+        assert np.isfinite(loss), loss
+        return {"step_s": seconds, "tokens_per_s": self.tokens / seconds, "loss": loss}
+
+
+class PeerTrainStep:
+    """transformers LlamaForCausalLM: loss(labels=tokens), backward, clip_grad_norm_(1.0), torch AdamW step.
+
+    dtype bfloat16: float32 weights and optimizer, forward/backward under torch.autocast("cpu", bfloat16), the
+    counterpart of our float32 params with bfloat16 compute.
+    """
+
+    def __init__(self, model, *, dtype: str, batch: int, seq_len: int, vocab_size: int):
+        import torch
+
+        self.torch, self.model = torch, model.train()
+        self.autocast = dtype == "bfloat16"
+        self.ids = torch.from_numpy(token_batch(vocab_size, batch, seq_len)).long()
+        self.tokens = batch * seq_len
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.lr, betas=(OPTIMIZER.b1, OPTIMIZER.b2),
+                                           eps=OPTIMIZER.eps, weight_decay=OPTIMIZER.weight_decay)
+        self.compile_s = 0.0
+        start = time.perf_counter()
+        self()
+        self.warmup_s = time.perf_counter() - start
+
+    def __call__(self) -> dict:
+        torch = self.torch
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIMIZER.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        seconds = time.perf_counter() - start
+        return {"step_s": seconds, "tokens_per_s": self.tokens / seconds, "loss": value}
