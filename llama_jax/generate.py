@@ -83,7 +83,7 @@ def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, co
     keys: `[batch]` PRNG keys, one stream per row; is_stop: bool `[vocab]`, the stop tokens.
     """
     logits, cache = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, cache=cache,
-                            dtype=dtype)
+                            dtype=dtype, last_only=True)
     first = sample(logits[:, -1], step_keys(keys, 0), sampling)
     return cache, DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.int32(1))
 

@@ -59,6 +59,7 @@ class Llama(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: Remat = "none"
+    last_only: bool = False  # logits for the last position only (prefill needs no more)
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
@@ -83,6 +84,8 @@ class Llama(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, kv = layers(c, self.dtype, self.param_dtype, name="layers")(x, kv, positions, mask, offset)
 
+        if self.last_only:
+            x = x[:, -1:]
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         if c.tie_word_embeddings:
             head = embed.T
@@ -98,7 +101,7 @@ class Llama(nn.Module):
 
 def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, cache: KVCache | None = None, dtype=jnp.float32,
-            remat: Remat = "none") -> tuple[jax.Array, KVCache | None]:
+            remat: Remat = "none", last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
     """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
 
     positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
@@ -107,14 +110,15 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     cache:       a `KVCache` to append these tokens to (slots cache.index ..), or None for a plain forward.
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
-    Jit it with `config`, `dtype` and `remat` static.
+    last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
+    Jit it with `config`, `dtype`, `remat` and `last_only` static.
     """
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-    model = Llama(config, dtype=dtype, remat=remat)
+    model = Llama(config, dtype=dtype, remat=remat, last_only=last_only)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache)
 
 

@@ -18,7 +18,7 @@ FP32_TOL = 1e-4  # max abs logit difference, logits of order 1-10
 
 
 def logits_of(params, tokens, config, **kwargs):
-    logits, _ = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))(
+    logits, _ = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat", "last_only"))(
         params, jnp.asarray(tokens), config, **kwargs)
     return np.asarray(logits)
 
@@ -161,6 +161,13 @@ def test_packed_segments_equal_separate_sequences():
     packed = logits_of(params, tokens, config, positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
     assert_close(packed[0, :len(a)], logits_of(params, a[None], config)[0], 1e-5)
     assert_close(packed[0, len(a):], logits_of(params, b[None], config)[0], 1e-5)
+
+
+def test_last_only_logits_are_the_last_position():
+    config, params, ref = load_fixture("tied")
+    last = logits_of(params, ref["tokens"], config, last_only=True)
+    assert last.shape == (2, 1, config.vocab_size)
+    assert_close(last[:, 0], ref["logits"][:, -1], FP32_TOL)
 
 
 def test_cached_forward_equals_full_forward():
