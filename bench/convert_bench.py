@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -46,6 +44,9 @@ import numpy as np
 
 import llama_jax
 from llama_jax.hf_mapping import tensor_mappings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: python bench/convert_bench.py
+from bench.common import record  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -356,19 +357,6 @@ def report(info: dict) -> str:
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-def record(path: Path, entry: str) -> None:
-    """Insert `entry` at the end of SECTION in `path` (the section and the file are created when missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{SECTION_INTRO}"
-    start = text.index(SECTION) + len(SECTION)
-    following = re.search(r"^## ", text[start:], flags=re.MULTILINE)
-    end = start + following.start() if following else len(text)
-    body = text[start:end].rstrip("\n") + "\n\n" + entry
-    text = text[:start] + body + ("\n" + text[end:] if following else "")
-    path.write_text(text)
-
-
 # ----- main -----
 
 def main(argv=None) -> int:
@@ -455,7 +443,7 @@ def main(argv=None) -> int:
     entry = report(info)
     print("\n" + entry)
     if args.record:
-        record(args.record, entry)
+        record(args.record, entry, SECTION, SECTION_INTRO)
         print(f"recorded in {args.record}", file=sys.stderr)
     return 0 if all(r["rc"] == 0 for r in info["runs"].values()) else 1
 
