@@ -8,7 +8,7 @@ import pytest
 from conftest import VARIANTS, load_fixture
 
 import llama_jax as lj
-from llama_jax.generate import Engine, bucket, decode_step, enable_compilation_cache, left_pad
+from llama_jax.generate import Engine, bucket, decode_step, left_pad
 from llama_jax.sampling import SamplingParams
 
 MAX_LEN = 64
@@ -165,11 +165,11 @@ def test_sharded_engine_equals_one_device(spec, gqa, greedy_engine, sampled_engi
 
 
 def test_compilation_cache_persists_programs(tmp_path):
-    from jax.experimental.compilation_cache import compilation_cache
-    try:
-        enable_compilation_cache(tmp_path)
-        jax.jit(lambda x: x * 3 + 1)(jnp.arange(5))
-        assert any(tmp_path.iterdir())
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compilation_cache.reset_cache()
+    """In a fresh process (as `python -m infer` uses it: JAX reads the setting once, at its first compile)."""
+    import subprocess
+    import sys
+
+    program = ("import sys, jax, jax.numpy as jnp; from llama_jax.generate import enable_compilation_cache; "
+               "enable_compilation_cache(sys.argv[1]); jax.jit(lambda x: x * 3 + 1)(jnp.arange(5))")
+    subprocess.run([sys.executable, "-c", program, str(tmp_path)], check=True, timeout=120)
+    assert any(tmp_path.iterdir())
