@@ -1,16 +1,18 @@
 """The llama_jax checkpoint directory: an Orbax checkpoint of the params plus everything needed to use it.
 
     CKPT/
-      params/                 Orbax (OCDBT) checkpoint of the params tree, layers stacked as the model uses them
+      params/                 Orbax checkpoint (zarr3, one array per leaf) of the params tree, layers stacked as
+                              the model uses them
       config.json             HF-compatible model config
       generation_config.json  bos, all stop ids (eos_token_id list) and sampling defaults
       tokenizer.json          a `tokenizers` tokenizer
       chat_template.jinja     the chat template, when the source had one
       llama_jax.json          metadata (format version, source, dtype, converter version); written last
 
-A checkpoint is written leaf by leaf (Orbax partial saves), so writing needs memory for one stacked tensor,
-and restored straight into sharded arrays: the arrays are stored in chunks, and each device reads only the
-chunks of its own shard.
+A checkpoint is written leaf by leaf and chunk by chunk (Orbax writes the tree metadata, tensorstore the
+arrays in Orbax's layout), so writing needs memory for one stacked tensor; it is restored with Orbax straight
+into sharded arrays: the arrays are stored in chunks of at most 32 MiB, and each device reads only the chunks
+of its own shard.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import tensorstore as ts
 from jax.sharding import Mesh
 
 from llama_jax.atomic import atomic_directory
@@ -40,7 +44,7 @@ from llama_jax.sharding import tree_shardings
 FORMAT = "llama_jax"
 FORMAT_VERSION = 1
 METADATA_FILE = "llama_jax.json"
-CHUNK_BYTES = 32 << 20  # storage chunk size: the unit a device reads when restoring its shard
+CHUNK_BYTES = 32 << 20  # storage chunk size: the unit a device reads when restoring its shard, and of writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +98,6 @@ def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None)
     return ocp.load(checkpoint.directory / "params", abstract)
 
 
-def _nested(path: tuple[str, ...], value: Any) -> dict:
-    for key in reversed(path):
-        value = {key: value}
-    return value
-
-
 def _release_freed_memory() -> None:
     """Hand memory freed by the last leaf back to the OS (glibc keeps it otherwise, raising the next peak)."""
     try:
@@ -108,12 +106,37 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _storage_context() -> ocp.Context:
-    context = ocp.Context()
-    context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
-    # zstd ran at ~0.17 GB/s here and made conversion CPU-bound; weights barely compress anyway.
-    context.array.saving.use_compression = False
-    return context
+def leaf_directory(params_dir: Path, path: tuple[str, ...]) -> Path:
+    """Where Orbax keeps one leaf (zarr3, no OCDBT): `params/state/<dotted path>`."""
+    return params_dir / "state" / ".".join(path)
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
+    """Storage chunks of at most CHUNK_BYTES: one layer of a stacked leaf, split further along its largest dims."""
+    chunk = [1 if stacked and i == 0 else d for i, d in enumerate(shape)]
+    while math.prod(chunk) * itemsize > CHUNK_BYTES and max(chunk) > 1:
+        largest = chunk.index(max(chunk))
+        chunk[largest] = -(-chunk[largest] // 2)
+    return chunk
+
+
+def _write_leaf(directory: Path, value: np.ndarray, dtype: np.dtype, stacked: bool) -> None:
+    """Write one leaf as a zarr3 array, a slab of chunks at a time (cast slab by slab): no copy of the whole."""
+    chunk = chunk_shape(value.shape, dtype.itemsize, stacked)
+    store = ts.open({
+        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory)},
+        "metadata": {"shape": list(value.shape), "data_type": dtype.name, "fill_value": 0,
+                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
+        "create": True, "delete_existing": True}).result()
+    for start in range(0, value.shape[0], chunk[0]):
+        store[start:start + chunk[0]].write(np.asarray(value[start:start + chunk[0]], dtype)).result()
+
+
+def read_leaf(params_dir: Path, path: tuple[str, ...]) -> ts.TensorStore:
+    """One stored leaf, opened lazily: index it (e.g. `[layer]`) and `.read().result()` to get numpy."""
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(leaf_directory(params_dir, path))},
+                    "open": True}).result()
 
 
 def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Iterable[tuple[tuple[str, ...], Any]], *,
@@ -121,26 +144,32 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
                      generation_config: dict, force: bool = False) -> Path:
     """Write a checkpoint atomically from (params path, array) pairs produced one at a time.
 
-    `leaves` must cover the whole params tree of `config`; each is cast to `dtype` and saved before the next is
-    requested, so peak memory is about one stacked tensor. Returns the destination path. In a multi-process JAX
-    job every process calls it with the same leaves; process 0 writes them.
+    `leaves` must cover the whole params tree of `config`. Orbax writes the tree's metadata (from tiny stand-in
+    arrays); each leaf's data is then written by tensorstore straight from the given array, chunk by chunk, in the
+    layout Orbax reads (an Orbax save would hold two more copies of the leaf). So peak memory is the largest leaf
+    as the caller holds it plus one chunk. In a multi-process JAX job every process calls it with the same
+    leaves; process 0 writes. Returns the destination path.
     """
-    dtype = jnp.dtype(dtype)
-    with atomic_directory(destination, force=force) as work, _storage_context():
+    dtype = np.dtype(jnp.dtype(dtype))
+    shapes = param_shapes(config, dtype)
+    expected = {tuple(k.key for k in path): s.shape for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    primary = jax.process_index() == 0
+    with atomic_directory(destination, force=force) as work:
         params_dir = work / "params"
-        expected = jax.tree_util.tree_flatten_with_path(param_shapes(config, dtype))[0]
-        expected = {tuple(k.key for k in path): s.shape for path, s in expected}
+        context = ocp.Context()
+        context.array.saving.use_ocdbt = False
+        with context:
+            ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
         for path, value in leaves:
-            value = np.asarray(value).astype(dtype, copy=False)
-            if expected.pop(path, None) != value.shape:
-                raise ValueError(f"unexpected params leaf {'/'.join(path)} {value.shape}")
-            ocp.partial.save(params_dir, _nested(path, value))
+            if expected.pop(path, None) != np.shape(value):
+                raise ValueError(f"unexpected params leaf {'/'.join(path)} {np.shape(value)}")
+            if primary:
+                _write_leaf(leaf_directory(params_dir, path), value, dtype, stacked=path[0] == "layers")
             del value
             _release_freed_memory()
         if expected:
             raise ValueError(f"params leaves never written: {sorted('/'.join(p) for p in expected)}")
-        ocp.partial.finalize(params_dir)
-        if jax.process_index() == 0:
+        if primary:
             _write_small_files(work, config, dtype, source, tokenizer_json, chat_template, generation_config)
     return Path(destination)
 

@@ -9,18 +9,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint.experimental.v1 as ocp
 from tqdm import tqdm
 
 from llama_jax.atomic import atomic_directory
-from llama_jax.checkpoint import open_checkpoint, write_checkpoint
+from llama_jax.checkpoint import open_checkpoint, read_leaf, write_checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
 from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
-from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
+from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings
 
 # End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
 END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
@@ -117,20 +115,6 @@ def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force:
                                 force=force)
 
 
-def _load_leaf(params_dir: Path, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Restore one params leaf onto the host, without reading the others."""
-    abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
-    for key in reversed(path):
-        abstract = {key: abstract}
-    context = ocp.Context()
-    context.pytree.loading.partial_load = True
-    with context:
-        value = ocp.load(params_dir, abstract)
-    for key in path:
-        value = value[key]
-    return np.asarray(value)
-
-
 def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_template: str | None) -> dict:
     """A minimal tokenizer_config.json so that transformers' AutoTokenizer loads tokenizer.json."""
     result: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
@@ -154,12 +138,15 @@ def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None
 
     def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for done, mapping in enumerate(mappings, start=1):
-            shape = (config.num_hidden_layers, *mapping.shape) if mapping.stacked else mapping.shape
-            leaf = _load_leaf(checkpoint.directory / "params", mapping.path, shape, checkpoint.dtype)
-            leaf = leaf.astype(dtype, copy=False)
-            size = leaf.nbytes
-            yield dict(unstack(mapping, leaf, config))
-            del leaf
+            stored = read_leaf(checkpoint.directory / "params", mapping.path)
+            if mapping.stacked:  # read layer by layer: memory holds the HF tensors of one leaf, nothing more
+                tensors = {name: mapping.to_hf(stored[i].read().result().astype(dtype, copy=False))
+                           for i, name in enumerate(mapping.hf_names(config))}
+            else:
+                tensors = {mapping.hf_name: mapping.to_hf(stored.read().result().astype(dtype, copy=False))}
+            size = sum(t.nbytes for t in tensors.values())
+            yield tensors
+            del tensors
             bar.update(size)
             bar.set_postfix(tensors=f"{done}/{len(mappings)}")
 
