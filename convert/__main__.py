@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from llama_jax.conversion import export_hf, gguf_source, hf_source, to_checkpoint
-from llama_jax.errors import InputError
+from llama_jax.errors import exit_code
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -30,23 +30,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.command == "export":
-            out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force)
-        else:
-            source = hf_source(args.source) if args.command == "hf" else gguf_source(args.source)
-            out = to_checkpoint(source, args.destination, dtype=args.dtype, force=args.force)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+def convert(args) -> int:
+    if args.command == "export":
+        out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force)
+    else:
+        source = hf_source(args.source) if args.command == "hf" else gguf_source(args.source)
+        out = to_checkpoint(source, args.destination, dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
     return 0
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return exit_code(lambda: convert(args), interrupted="interrupted; nothing was written")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from llama_jax.chat import StreamDecoder, chat_messages, chat_template_for, render_chat
 from llama_jax.checkpoint import Checkpoint, load_params, open_checkpoint
-from llama_jax.errors import InputError
+from llama_jax.errors import InputError, exit_code
 from llama_jax.generate import Engine, bucket, enable_compilation_cache
 from llama_jax.sampling import SamplingParams
 from llama_jax.sharding import make_mesh
@@ -157,11 +157,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run(args), interrupted="interrupted", user_errors=(InputError, ValueError))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from llama_jax.checkpoint import load_params, open_checkpoint, write_checkpoint
 from llama_jax.data import batches, batches_per_epoch, encoder_for, eval_batches, load_jsonl
-from llama_jax.errors import InputError
+from llama_jax.errors import InputError, exit_code
 from llama_jax.flops import measured_peak_flops, training_flops_per_token
 from llama_jax.loss import next_token_loss
 from llama_jax.model import param_shapes, param_shardings
@@ -278,14 +278,8 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start_distributed(args)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the newest checkpoint in RUN_DIR/checkpoints is intact", file=sys.stderr)
-        return 130
+    return exit_code(lambda: run(args),
+                     interrupted="interrupted; the newest checkpoint in RUN_DIR/checkpoints is intact")
 
 
 if __name__ == "__main__":
