@@ -178,12 +178,19 @@ def _write_small_files(work: Path, config: LlamaConfig, dtype: np.dtype, source:
                        chat_template: str | None, generation_config: dict) -> None:
     """Everything but the params; the metadata file last, since it marks the checkpoint complete."""
     config.save(work / "config.json")
-    (work / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-    if tokenizer_json is not None:
-        (work / "tokenizer.json").write_text(tokenizer_json)
-    if chat_template is not None:
-        (work / "chat_template.jinja").write_text(chat_template)
+    write_usage_files(work, generation_config, tokenizer_json, chat_template)
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
                 "converter": f"llama_jax {importlib.metadata.version('llama_jax')}",
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def write_usage_files(directory: Path, generation_config: dict, tokenizer_json: str | None,
+                      chat_template: str | None) -> None:
+    """generation_config.json, tokenizer.json and chat_template.jinja (the last two when there is one): the files
+    a checkpoint and a HF directory share."""
+    (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (directory / "tokenizer.json").write_text(tokenizer_json)
+    if chat_template is not None:
+        (directory / "chat_template.jinja").write_text(chat_template)

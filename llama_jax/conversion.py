@@ -14,11 +14,11 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.atomic import atomic_directory
-from llama_jax.checkpoint import open_checkpoint, read_leaf, write_checkpoint
+from llama_jax.checkpoint import open_checkpoint, read_leaf, write_checkpoint, write_usage_files
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
 from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
-from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings
+from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
 
 # End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
 END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
@@ -139,11 +139,10 @@ def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None
     def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for done, mapping in enumerate(mappings, start=1):
             stored = read_leaf(checkpoint.directory / "params", mapping.path)
-            if mapping.stacked:  # read layer by layer: memory holds the HF tensors of one leaf, nothing more
-                tensors = {name: mapping.to_hf(stored[i].read().result().astype(dtype, copy=False))
-                           for i, name in enumerate(mapping.hf_names(config))}
-            else:
-                tensors = {mapping.hf_name: mapping.to_hf(stored.read().result().astype(dtype, copy=False))}
+            # Stacked leaves are read layer by layer: memory holds the HF tensors of one leaf, nothing more.
+            leaf = ((stored[i].read().result().astype(dtype, copy=False) for i in range(config.num_hidden_layers))
+                    if mapping.stacked else stored.read().result().astype(dtype, copy=False))
+            tensors = dict(unstack(mapping, leaf, config))
             size = sum(t.nbytes for t in tensors.values())
             yield tensors
             del tensors
@@ -156,11 +155,7 @@ def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None
         write_safetensors_shards(work, shards(bar), len(mappings))
         hf_config = {**config.to_hf(), "torch_dtype": dtype.name}
         (work / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (work / "generation_config.json").write_text(json.dumps(checkpoint.generation_config, indent=2) + "\n")
-        if tokenizer_json is not None:
-            (work / "tokenizer.json").write_text(tokenizer_json)
+        write_usage_files(work, checkpoint.generation_config, tokenizer_json, checkpoint.chat_template)
         (work / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(tokenizer_json, config, checkpoint.chat_template), indent=2) + "\n")
-        if checkpoint.chat_template is not None:
-            (work / "chat_template.jinja").write_text(checkpoint.chat_template)
     return Path(destination)

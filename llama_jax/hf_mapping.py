@@ -107,7 +107,7 @@ def load_stacked(mapping: TensorMapping, get: Callable[[str], Array], config: Ll
 
 
 def unstack(mapping: TensorMapping, leaf: Array, config: LlamaConfig) -> Iterator[tuple[str, Array]]:
-    """The HF (name, tensor) pairs of one of our leaves."""
+    """The HF (name, tensor) pairs of one of our leaves (a stacked leaf may be any iterable of its layers)."""
     if not mapping.stacked:
         yield mapping.hf_name, mapping.to_hf(leaf)
         return
