@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
-from tokenizers import Tokenizer
 
-from llama_jax.chat import StreamDecoder, chat_messages, chat_template_for, render_chat
-from llama_jax.checkpoint import Checkpoint, load_params, open_checkpoint
+from llama_jax.chat import StreamDecoder, chat_messages
+from llama_jax.checkpoint import load_params, open_checkpoint
+from llama_jax.data import Encoder, encoder_for
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generate import Engine, bucket, enable_compilation_cache
 from llama_jax.sampling import SamplingParams
@@ -97,24 +97,21 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def encode(prompt: str, args, tokenizer: Tokenizer, checkpoint: Checkpoint) -> list[int]:
+def encode(prompt: str, args, encoder: Encoder) -> list[int]:
+    """Plain mode: the text as the tokenizer encodes it (BOS if it adds one); chat: a user turn in the template."""
     if not args.chat:
-        return tokenizer.encode(prompt).ids
-    bos_id = checkpoint.config.bos_token_id
-    bos = tokenizer.id_to_token(bos_id) if bos_id is not None else None
-    template = chat_template_for(tokenizer, checkpoint.chat_template)
-    return render_chat(chat_messages(prompt, args.system), tokenizer, template, bos_token=bos or "")
+        return encoder.tokenizer.encode(prompt).ids
+    return encoder.render(chat_messages(prompt, args.system), add_generation_prompt=True)
 
 
 def run(args) -> int:
     checkpoint = open_checkpoint(args.checkpoint if args.checkpoint is not None else default_checkpoint())
-    if not checkpoint.tokenizer_path.exists():
-        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json")
     config = checkpoint.config
-    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    encoder = encoder_for(checkpoint)
+    tokenizer = encoder.tokenizer
     sampling = sampling_params(args, checkpoint.generation_config)
     prompts = read_prompts(args)
-    encoded = [encode(p, args, tokenizer, checkpoint) for p in prompts]
+    encoded = [encode(p, args, encoder) for p in prompts]
     longest = max(len(ids) for ids in encoded)
     if longest + args.max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"a prompt of {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "

@@ -49,12 +49,12 @@ class Encoder:
         token (the template's tokens after that, such as ChatML's newline, do not)."""
         if self.chat_template is None:
             raise ValueError("a messages record needs a chat template, and this checkpoint has none")
-        ids = self._render(messages, False)
+        ids = self.render(messages, False)
         mask = np.zeros(len(ids), np.float32)
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, through = self._render(messages[:i], True), self._render(messages[:i + 1], False)
+            before, through = self.render(messages[:i], True), self.render(messages[:i + 1], False)
             if through[:len(before)] != before or ids[:len(through)] != through:
                 raise ValueError("the chat template does not render conversations prefix by prefix")
             turn = through[len(before):]
@@ -62,7 +62,11 @@ class Encoder:
             mask[len(before):len(before) + (ends[-1] + 1 if ends else len(turn))] = 1
         return Example(np.asarray(ids, np.int32), mask)
 
-    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+        """Token ids of `messages` in the chat template, message text taken literally; ValueError if there is no
+        template or it refuses the messages."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template (and its tokenizer is not Llama 3's)")
         try:
             return render_chat(messages, self.tokenizer, self.chat_template, bos_token=self.bos_token,
                                add_generation_prompt=add_generation_prompt)
@@ -86,7 +90,7 @@ class Encoder:
 def encoder_for(checkpoint: Checkpoint) -> Encoder:
     """The Encoder for a checkpoint: its tokenizer and chat template, EOS from its config, stop ids as turn ends."""
     if not checkpoint.tokenizer_path.exists():
-        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json; training needs one")
+        raise InputError(checkpoint.directory, "checkpoint has no tokenizer.json")
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
     try:
         template = chat_template_for(tokenizer, checkpoint.chat_template)
