@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,8 +159,14 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
         params_dir = work / "params"
         context = ocp.Context()
         context.array.saving.use_ocdbt = False
-        with context:
-            ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
+        absl = logging.getLogger("absl")  # Orbax warns that it found no OCDBT data to merge: we chose none
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            with context:
+                ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
+        finally:
+            absl.setLevel(level)
         for path, value in leaves:
             if expected.pop(path, None) != np.shape(value):
                 raise ValueError(f"unexpected params leaf {'/'.join(path)} {np.shape(value)}")
