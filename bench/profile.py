@@ -1,7 +1,9 @@
 """Where a decode step's time goes: the library's step against two plain-JAX reference steps on the same weights,
 and the large data-movement ops in the library step's compiled HLO.
 
-    library    llama_jax.generate.decode_step (jitted, cache donated): nn.scan over the stacked layer params
+    library    llama_jax.generate.decode_step (jitted, cache donated) on the params as the Engine holds them
+               (`unstack_layers`: the layers unrolled over per-layer arrays)
+    stacked    the same on the stacked params (nn.scan over the layer axis)
     scan       reference: the same math as one lax.scan over the stacked layer params, lm_head contracted against
                the embedding without a transpose, every dot with a float32 result (preferred_element_type)
     unrolled   reference: the same, with the layers unrolled over separate per-layer weight arrays (split once,
@@ -25,6 +27,7 @@ import numpy as np
 from bench.roofline import weight_bytes
 from llama_jax.cache import init_cache
 from llama_jax.generate import DecodeState, _decode, _prefill, decode_step
+from llama_jax.model import unstack_layers
 from llama_jax.rope import inverse_frequencies
 from llama_jax.sampling import GREEDY, row_keys
 
@@ -37,7 +40,7 @@ def _rms(x, scale, eps, dtype):
 
 
 def _layer(x, w, k_cache, v_cache, index, cos, sin, valid, *, config, dtype):
-    """One decoder layer for one new token per row. x `[batch, embed]`; caches `[batch, max_len, kv, head_dim]`."""
+    """One decoder layer for one new token per row. x `[batch, embed]`; caches `[batch, kv, max_len, head_dim]`."""
     c = config
     heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     batch = x.shape[0]
@@ -53,12 +56,12 @@ def _layer(x, w, k_cache, v_cache, index, cos, sin, valid, *, config, dtype):
     q = rope(mm(h, w["q"]).reshape(batch, heads, head_dim))
     k = rope(mm(h, w["k"]).reshape(batch, kv_heads, head_dim))
     v = mm(h, w["v"]).reshape(batch, kv_heads, head_dim)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), (0, index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None].astype(v_cache.dtype), (0, index, 0, 0))
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), (0, 0, index, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), (0, 0, index, 0))
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bkgd,btkd->bkgt", q, k_cache.astype(dtype), preferred_element_type=F32) * head_dim**-0.5
+    scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache.astype(dtype), preferred_element_type=F32) * head_dim**-0.5
     probs = jax.nn.softmax(jnp.where(valid[:, None, None], scores, -1e30), -1).astype(dtype)
-    out = jnp.einsum("bkgt,btkd->bkgd", probs, v_cache.astype(dtype), preferred_element_type=F32)
+    out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache.astype(dtype), preferred_element_type=F32)
     x = x + mm(out.astype(dtype).reshape(batch, heads * head_dim), w["o"])
     h = _rms(x, w["mlp_norm"], c.rms_norm_eps, dtype)
     x = x + mm(jax.nn.silu(mm(h, w["gate"])) * mm(h, w["up"]), w["down"])
@@ -70,7 +73,7 @@ def _reference_step(weights, k_caches, v_caches, tokens, positions, index, *, co
     c = config
     angles = positions.astype(F32)[:, None, None] * jnp.asarray(inverse_frequencies(c))
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    max_len = (k_caches[0] if unrolled else k_caches).shape[-3]
+    max_len = (k_caches[0] if unrolled else k_caches).shape[-2]
     valid = jnp.broadcast_to(jnp.arange(max_len)[None, :] <= index, (tokens.shape[0], max_len))
     layer = functools.partial(_layer, index=index, cos=cos, sin=sin, valid=valid, config=c, dtype=dtype)
     x = weights["embed"][tokens]
@@ -134,13 +137,16 @@ def profile_decode(params, config, *, dtype, batch: int = 1, max_len: int = 256,
     index = max_len // 2
     tokens = jnp.arange(1, batch + 1, dtype=jnp.int32)
     positions = jnp.full((batch,), index, jnp.int32)
-    cache = init_cache(c, batch, max_len, dtype)._replace(segment_ids=jnp.ones((batch, max_len), jnp.int32))
+    def filled_cache():  # each stepper donates its own
+        return init_cache(c, batch, max_len, dtype)._replace(segment_ids=jnp.ones((batch, max_len), jnp.int32))
+
 
     library_step = jax.jit(functools.partial(decode_step, config=c, dtype=dtype), donate_argnums=1)
-    library = _Stepper(lambda p, cache, i: library_step(p, cache._replace(index=i), tokens, positions),
-                       (params,), cache, lambda: jnp.int32(index))
-    runs = {"library": library}
-    shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+    runs = {name: _Stepper(lambda p, cache, i: library_step(p, cache._replace(index=i), tokens, positions),
+                           (tree,), filled_cache(), lambda: jnp.int32(index))
+            for name, tree in (("library", jax.jit(unstack_layers)(params)), ("stacked", params))}
+    library = runs["library"]
+    shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
     for name, unrolled in (("scan", False), ("unrolled", True)):
         weights = reference_weights(params, c, dtype, unrolled=unrolled)
         step = jax.jit(functools.partial(_reference_step, config=c, dtype=dtype, unrolled=unrolled),
@@ -155,7 +161,7 @@ def profile_decode(params, config, *, dtype, batch: int = 1, max_len: int = 256,
             logits, k, v = step(w, cache[0], cache[1], tokens, positions, i)
             return logits, (k, v)
         runs[name] = _Stepper(run, (weights,), kv, lambda: jnp.int32(index))
-    error = max(float(jnp.max(jnp.abs(runs[n].logits - library.logits))) for n in ("scan", "unrolled"))
+    error = max(float(jnp.max(jnp.abs(runs[n].logits - library.logits))) for n in ("stacked", "scan", "unrolled"))
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -165,17 +171,15 @@ def profile_decode(params, config, *, dtype, batch: int = 1, max_len: int = 256,
             "census": decode_census(params, c, dtype=dtype, batch=batch, max_len=max_len)}
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
-
-
 def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
-    """The census of the Engine's decode loop program (a while over steps around the scan over layers), in MiB
-    written per decode step: instructions in the layer loop count num_hidden_layers times."""
+    """The census of the Engine's decode loop program (a while over steps; the layers unrolled inside it, on
+    per-layer params as the Engine holds them), in MiB written per decode step: instructions in a nested loop
+    (a layer scan, were there one) count num_hidden_layers times."""
     c = config
     state = DecodeState(*(jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.int32, jnp.bool_)),
                         jax.ShapeDtypeStruct((), jnp.int32))
-    args = (_abstract(params), jax.eval_shape(lambda: init_cache(c, batch, max_len, dtype)), state,
+    args = (jax.eval_shape(unstack_layers, params), jax.eval_shape(lambda: init_cache(c, batch, max_len, dtype)),
+            state,
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
     decode = jax.jit(functools.partial(_decode, config=c, sampling=GREEDY, dtype=dtype, width=max_len),
@@ -191,7 +195,8 @@ def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
 def prefill_logits(params, config, *, dtype, batch: int, prompt_len: int) -> list[str]:
     """Shapes of the vocab-wide dots in the Engine's prefill program: the logits it computes."""
     c = config
-    args = (_abstract(params), jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype)),
+    args = (jax.eval_shape(unstack_layers, params),
+            jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype)),
             *(jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32) for _ in range(3)),
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
     prefill = jax.jit(functools.partial(_prefill, config=c, sampling=GREEDY, dtype=dtype), donate_argnums=1)

@@ -28,16 +28,16 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention, scores and softmax in float32.
 
-    q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]`, mask `[batch, seq, kv_len]`.
+    q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`.
     Query head h reads kv head h // (heads // kv_heads), as in the reference. Returns `[batch, seq, heads, head_dim]`.
     """
     batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(batch, seq, heads, head_dim)
 
 
@@ -58,27 +58,31 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int):
+                 cache: tuple[jax.Array, jax.Array] | None, layer: jax.Array | int, cache_index: jax.Array | int):
         """Self-attention over `x` and, when given, this layer's cached keys/values.
 
-        x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`;
-        kv: None, or this layer's cache (k, v) `[batch, max_len, kv_heads, head_dim]`, into which the new keys and
-        values are written at slots cache_index .. cache_index + seq - 1 (kv_len = max_len then, else seq).
-        Returns (`[batch, seq, embed]`, the updated (k, v) or None).
+        x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`.
+        cache: None, or every layer's (k, v) `[layers, batch, kv_heads, max_len, head_dim]`; this layer's new keys
+        and values are written in place at `[layer, :, :, cache_index : cache_index + seq]` and attention reads
+        that layer's max_len slots (kv_len = max_len then, else seq).
+        Returns (`[batch, seq, embed]`, the updated cache or None).
         """
         c = self.config
         inv_freq = inverse_frequencies(c)
         q = apply_rope(self.project_in("q", x, "heads", c.num_attention_heads), positions, inv_freq)
         k = apply_rope(self.project_in("k", x, "kv_heads", c.num_key_value_heads), positions, inv_freq)
         v = self.project_in("v", x, "kv_heads", c.num_key_value_heads)
-        if kv is not None:
-            start = (0, cache_index, 0, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), start)
-                       for old, new in ((kv[0], k), (kv[1], v)))
-            k, v = (t.astype(self.dtype) for t in kv)
+        k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
+        if cache is not None:
+            start = (layer, 0, 0, cache_index, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(old, new[None].astype(old.dtype), start)
+                          for old, new in zip(cache, (k, v), strict=True))
+            k, v = (t[layer].astype(self.dtype) for t in cache)
         out = attend(q, k, v, mask)
-        out = jnp.einsum("bshd,hde->bse", out, weight(self, "o", ("heads", "head_dim", "embed"),
-                                                      (c.num_attention_heads, c.head_dim, c.hidden_size)))
+        o = weight(self, "o", ("heads", "head_dim", "embed"), (c.num_attention_heads, c.head_dim, c.hidden_size))
+        # As one [heads * head_dim, embed] matrix: contracting (heads, head_dim) as two axes lets XLA:CPU pick a
+        # layout that transposes the whole weight at every call.
+        out = jnp.einsum("bsf,fe->bse", out.reshape(*out.shape[:2], -1), o.reshape(-1, c.hidden_size))
         if c.attention_bias:
             out = out + weight(self, "o_bias", ("embed",), (c.hidden_size,), nn.initializers.zeros)
-        return out, kv
+        return out, cache

@@ -8,13 +8,14 @@ import jax.numpy as jnp
 from llama_jax.config import LlamaConfig
 
 # Logical axis names of the cache's arrays, for sharding.
-CACHE_NAMES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_NAMES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots, and which slots hold which segment.
 
-    k, v:        `[layers, batch, max_len, kv_heads, head_dim]`, already rotated (RoPE applied to k).
+    k, v:        `[layers, batch, kv_heads, max_len, head_dim]`, already rotated (RoPE applied to k). Slots are the
+                 second-minor axis so that attention reads each head's keys as one contiguous matrix.
     segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
     index:       int32 scalar, the next slot to write (all rows advance together; rows differ by left padding).
     """
@@ -27,6 +28,6 @@ class KVCache(NamedTuple):
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated)."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))

@@ -27,7 +27,7 @@ import numpy as np
 
 from llama_jax.cache import CACHE_NAMES, KVCache, init_cache
 from llama_jax.config import LlamaConfig
-from llama_jax.model import forward, param_shardings
+from llama_jax.model import forward, param_shardings, unstack_layers
 from llama_jax.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
 from llama_jax.sharding import named_sharding
 
@@ -135,7 +135,8 @@ class Generation:
 class Engine:
     """Generates from a batch of prompts with a static KV cache of `max_len` slots per row.
 
-    params:      the model params, put on the device once (laid out by `param_shardings` on a mesh).
+    params:      the model params (stacked), put on the device once (laid out by `param_shardings` on a mesh) and
+                 split per layer (`unstack_layers`): the engine holds its own copy, so the caller may drop theirs.
     max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
     sampling:    how tokens are picked (compiled in; make another Engine to change it).
     cache_dtype: dtype of the cached keys and values; dtype: compute dtype of the forward.
@@ -146,7 +147,9 @@ class Engine:
                  cache_dtype=jnp.float32, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None):
         self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
         self.cache_dtype, self.dtype = cache_dtype, dtype
-        self.params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh))
+        params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh))
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            self.params = jax.jit(unstack_layers)(params)
         self._executables: dict[Any, Any] = {}
 
     def _sharding(self, names, shape):
@@ -161,9 +164,7 @@ class Engine:
         """Shardings of the outputs (cache, state[, tokens `[batch, width]`]), or None without a mesh."""
         if self.mesh is None:
             return None
-        c = self.config
-        kv = self._sharding(CACHE_NAMES, (c.num_hidden_layers, batch, self.max_len, c.num_key_value_heads,
-                                          c.head_dim))
+        kv = self._sharding(CACHE_NAMES, jax.eval_shape(self._empty_cache_fn(batch)).k.shape)
         cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()))
         rows = self._sharding(("batch",), (batch,))
         state = DecodeState(rows, rows, rows, self._sharding((), ()))
@@ -185,9 +186,12 @@ class Engine:
             self._executables[key] = jitted.lower(*args).compile()
         return self._executables[key], time.perf_counter() - start
 
+    def _empty_cache_fn(self, batch: int) -> Callable[[], KVCache]:
+        return functools.partial(init_cache, self.config, batch, self.max_len, self.cache_dtype)
+
     def empty_cache(self, batch: int) -> KVCache:
         """A zeroed cache for `batch` rows, laid out on the mesh."""
-        make = functools.partial(init_cache, self.config, batch, self.max_len, self.cache_dtype)
+        make = self._empty_cache_fn(batch)
         return make() if self.mesh is None else jax.jit(make, out_shardings=self._layout(batch)[0])()
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int] = (),

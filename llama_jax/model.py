@@ -10,6 +10,10 @@ Params tree (L = num_hidden_layers; the decoder layer is one `nn.scan`, so its p
     layers/mlp/{gate,up}    [L, embed, mlp], layers/mlp/down [L, mlp, embed]   (+ *_bias)
     final_norm/scale      [embed]
     lm_head               [embed, vocab]   (absent when tie_word_embeddings)
+
+`unstack_layers` turns `layers` into one subtree per layer (`layer_0` .. `layer_{L-1}`, no layer axis); `forward`
+then runs the same decoder layer unrolled. Inference uses that: XLA:CPU copies each layer's slice of a stacked
+weight before its matmul, every step, which costs a decode step about a fifth of its time (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -39,17 +43,20 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, kv, positions, mask, cache_index):
-        """One pre-norm block. x `[batch, seq, embed]`; kv: this layer's cache (k, v) or None; see Attention.
+    def __call__(self, carry, layer, positions, mask, cache_index):
+        """One pre-norm block. carry: (x `[batch, seq, embed]`, the whole KV cache (k, v) or None); layer: this
+        layer's index into the cache; see Attention for the rest.
 
-        Shaped for `nn.scan`: (carry=x, scanned=kv) -> (x, updated kv).
+        Shaped for `nn.scan`: (carry, scanned=layer) -> (carry, None).
         """
+        x, cache = carry
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, kv = Attention(c, **kw, name="attn")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x),
-                                                 positions, mask, kv, cache_index)
+        h, cache = Attention(c, **kw, name="attn")(
+            RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x), positions, mask, cache, layer,
+            cache_index)
         x = x + h
         x = x + MLP(c, **kw, name="mlp")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(x))
-        return constrain(x, ("batch", "seq", "embed")), kv
+        return (constrain(x, ("batch", "seq", "embed")), cache), None
 
 
 class Llama(nn.Module):
@@ -60,6 +67,7 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: Remat = "none"
     last_only: bool = False  # logits for the last position only (prefill needs no more)
+    scan_layers: bool = True  # params stacked under `layers` (one nn.scan), or one `layer_{i}` each (unrolled)
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
@@ -79,10 +87,17 @@ class Llama(nn.Module):
         layer = DecoderLayer
         if self.remat != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, kv = layers(c, self.dtype, self.param_dtype, name="layers")(x, kv, positions, mask, offset)
+        carry, layer_args = (x, kv), (positions, mask, offset)
+        if self.scan_layers:
+            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            carry, _ = layers(c, self.dtype, self.param_dtype, name="layers")(
+                carry, jnp.arange(c.num_hidden_layers), *layer_args)
+        else:
+            for i in range(c.num_hidden_layers):
+                carry, _ = layer(c, self.dtype, self.param_dtype, name=f"layer_{i}")(carry, i, *layer_args)
+        x, kv = carry
 
         if self.last_only:
             x = x[:, -1:]
@@ -111,6 +126,7 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
+    params:      stacked (`layers`, as `init_params` and checkpoints make them) or from `unstack_layers`.
     Jit it with `config`, `dtype`, `remat` and `last_only` static.
     """
     if segment_ids is None:
@@ -118,8 +134,17 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     if positions is None:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-    model = Llama(config, dtype=dtype, remat=remat, last_only=last_only)
+    model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache)
+
+
+def unstack_layers(params: Any) -> Any:
+    """Stacked params -> the same weights with `layers` split into `layer_0` .. `layer_{L-1}` (leading axis
+    dropped), for an unrolled `forward`. The result is new arrays (jit it to keep a mesh layout)."""
+    layers = params["layers"]
+    rest = {name: value for name, value in params.items() if name != "layers"}
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return rest | {f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)}
 
 
 def _boxed_init(config: LlamaConfig, param_dtype):

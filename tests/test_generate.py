@@ -160,7 +160,7 @@ def test_sharded_engine_equals_one_device(spec, gqa, greedy_engine, sampled_engi
     expected = tokens_of(single.generate(prompts, max_new_tokens=12, seed=3))
     engine = Engine(params, config, max_len=MAX_LEN, sampling=single.sampling, mesh=lj.make_mesh(spec))
     assert tokens_of(engine.generate(prompts, max_new_tokens=12, seed=3)) == expected
-    q = engine.params["layers"]["attn"]["q"]
+    q = engine.params["layer_0"]["attn"]["q"]
     assert q.addressable_shards[0].data.size == (q.size // 4 if "tensor" in spec else q.size)
 
 

@@ -29,9 +29,15 @@ def assert_close(actual, expected, tol):
     assert err < tol, f"max abs error {err:.3g} >= {tol}"
 
 
-def test_parity_with_reference_fixtures(fixture_model):
+LAYOUTS = {"stacked": lambda params: params, "unstacked": lj.unstack_layers}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parity_with_reference_fixtures(fixture_model, layout):
     variant, config, params, ref = fixture_model
     assert 1 < np.abs(ref["logits"]).max() < 20
+    params = LAYOUTS[layout](params)
+    assert ("layers" in params) == (layout == "stacked")
     assert_close(logits_of(params, ref["tokens"], config), ref["logits"], FP32_TOL)
 
 
@@ -170,8 +176,10 @@ def test_last_only_logits_are_the_last_position():
     assert_close(last[:, 0], ref["logits"][:, -1], FP32_TOL)
 
 
-def test_cached_forward_equals_full_forward():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_forward_equals_full_forward(layout):
     config, params, ref = load_fixture("rope_scaling")
+    params = LAYOUTS[layout](params)
     tokens = jnp.asarray(ref["tokens"][:, :40])
     cache = lj.init_cache(config, batch=2, max_len=48)
     step = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))
