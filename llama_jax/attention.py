@@ -4,10 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.cache import write
 from llama_jax.config import LlamaConfig
 from llama_jax.rope import apply_rope, inverse_frequencies
 from llama_jax.sharding import constrain
-from llama_jax.weights import weight
+from llama_jax.weights import project, weight
 
 # A finite "minus infinity": a row whose keys are all masked (padding) gets a uniform softmax, never NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -49,8 +50,8 @@ class Attention(nn.Module):
     def project_in(self, name: str, x: jax.Array, heads_axis: str, heads: int) -> jax.Array:
         """x `[batch, seq, embed]` -> `[batch, seq, heads, head_dim]`."""
         c = self.config
-        out = jnp.einsum("bse,ehd->bshd", x, weight(self, name, ("embed", heads_axis, "head_dim"),
-                                                    (c.hidden_size, heads, c.head_dim)))
+        out = project("bse,ehd->bshd", x, weight(self, name, ("embed", heads_axis, "head_dim"),
+                                                 (c.hidden_size, heads, c.head_dim)))
         if c.attention_bias:
             out = out + weight(self, f"{name}_bias", (heads_axis, "head_dim"), (heads, c.head_dim),
                                nn.initializers.zeros)
@@ -75,14 +76,13 @@ class Attention(nn.Module):
         k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
         if cache is not None:
             start = (layer, 0, 0, cache_index, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(old, new[None].astype(old.dtype), start)
-                          for old, new in zip(cache, (k, v), strict=True))
+            cache = tuple(write(old, new[None], start) for old, new in zip(cache, (k, v), strict=True))
             k, v = (t[layer].astype(self.dtype) for t in cache)
         out = attend(q, k, v, mask)
         o = weight(self, "o", ("heads", "head_dim", "embed"), (c.num_attention_heads, c.head_dim, c.hidden_size))
         # As one [heads * head_dim, embed] matrix: contracting (heads, head_dim) as two axes lets XLA:CPU pick a
         # layout that transposes the whole weight at every call.
-        out = jnp.einsum("bsf,fe->bse", out.reshape(*out.shape[:2], -1), o.reshape(-1, c.hidden_size))
+        out = project("bsf,fe->bse", out.reshape(*out.shape[:2], -1), o.reshape(-1, c.hidden_size))
         if c.attention_bias:
             out = out + weight(self, "o_bias", ("embed",), (c.hidden_size,), nn.initializers.zeros)
         return out, cache

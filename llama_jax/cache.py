@@ -31,3 +31,16 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
+    """`lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)`; 16-bit floats on their bits.
+
+    XLA:CPU upcasts a bfloat16 dynamic-update-slice to float32 over the whole buffer (for a cache: every layer's
+    keys, converted there and back at every layer of every step); on uint16 it writes the slice in place.
+    """
+    new = new.astype(buffer.dtype)
+    if buffer.dtype.itemsize != 2:
+        return jax.lax.dynamic_update_slice(buffer, new, start)
+    bits = [jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (buffer, new)]
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(*bits, start), buffer.dtype)

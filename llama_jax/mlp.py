@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
 from llama_jax.sharding import constrain
-from llama_jax.weights import weight
+from llama_jax.weights import project, weight
 
 
 class MLP(nn.Module):
@@ -16,7 +16,7 @@ class MLP(nn.Module):
 
     def project(self, name: str, x: jax.Array, names: tuple[str, str], shape: tuple[int, int]) -> jax.Array:
         """x `[batch, seq, in]` @ W `[in, out]` (+ bias `[out]` when the config has mlp_bias)."""
-        out = jnp.einsum("bsi,io->bso", x, weight(self, name, names, shape))
+        out = project("bsi,io->bso", x, weight(self, name, names, shape))
         if self.config.mlp_bias:
             out = out + weight(self, f"{name}_bias", names[1:], shape[1:], nn.initializers.zeros)
         return out
