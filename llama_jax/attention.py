@@ -26,12 +26,32 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
     return causal[None] & same & (kv_segments[:, None, :] != 0)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+# Queries per block in `attend`: a long prompt attends block by block, each block to the keys it can see.
+QUERY_BLOCK = 256
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
     """Softmax attention, scores and softmax in float32.
 
-    q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`.
-    Query head h reads kv head h // (heads // kv_heads), as in the reference. Returns `[batch, seq, heads, head_dim]`.
+    q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`,
+    causal as `attention_mask` makes it: query i sees no slot after kv_len - seq + i (the queries are the last
+    tokens written). Query head h reads kv head h // (heads // kv_heads), as in the reference.
+    Queries go in blocks of `block`, each against only the slots it may see: causal attention over a long
+    prompt computes about half the scores, and holds one block's scores at a time.
+    Returns `[batch, seq, heads, head_dim]`.
     """
+    seq, kv_len = q.shape[1], k.shape[2]
+    blocks = []
+    for start in range(0, seq, block):
+        stop = min(start + block, seq)
+        visible = kv_len - seq + stop
+        blocks.append(_attend_block(q[:, start:stop], k[:, :, :visible], v[:, :, :visible],
+                                    mask[:, start:stop, :visible]))
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+
+
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attend` for one block of queries, over every slot given."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)

@@ -202,3 +202,24 @@ def test_init_params_places_directly_on_mesh():
     assert params["layers"]["mlp"]["up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     shapes = lj.param_shapes(config)
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_blocked_attention_equals_one_block(offset):
+    """Query blocks see only the slots they may (causal cut); a left-padded row and a cache offset included."""
+    from llama_jax.attention import attend, attention_mask
+
+    rng = np.random.default_rng(0)
+    batch, seq, heads, kv_heads, head_dim, kv_len = 2, 40, 4, 2, 8, 50
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, kv_len, head_dim)), jnp.float32) for _ in range(2))
+    segments = np.ones((batch, seq), np.int32)
+    segments[1, :7] = 0  # left padding
+    kv_segments = np.zeros((batch, kv_len), np.int32)
+    kv_segments[:, :offset] = 1
+    kv_segments[:, offset:offset + seq] = segments
+    mask = attention_mask(jnp.asarray(segments), jnp.asarray(kv_segments), offset)
+    real = segments.astype(bool)  # a padding query sees nothing: its (unused) output is a mean over what it is shown
+    whole = np.asarray(attend(q, k, v, mask, block=seq))[real]
+    for block in (16, 7):
+        assert_close(np.asarray(attend(q, k, v, mask, block=block))[real], whole, 1e-6)
