@@ -112,6 +112,8 @@ def run(args, limits: dict) -> dict:
             row = {"dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": tokens,
                    "compile_s": ours.compile_s, "runs": runs,
                    "limit_tok_s": roofline.decode_limit(config, batch, context, dtype, limits["bandwidth"]),
+                   "read_limit_tok_s": roofline.decode_limit(config, batch, context, dtype,
+                                                             limits["read_bandwidth"]),
                    "bytes_per_step": roofline.decode_bytes_per_step(config, batch, context, dtype)}
             for who in ("ours", "peer"):
                 row[f"{who}_tok_s"] = best([r["decode_tok_s"] for r in runs[who]])

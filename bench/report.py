@@ -24,7 +24,11 @@ def header(results: dict) -> list[str]:
     if "numpy_copy" in lim:
         bw.append(f", numpy {lim['numpy_copy'] / GB:.1f}")
     bw.append(")")
-    if "gemv_read" in lim:
+    if "read_bandwidth" in lim:
+        bw.append(f"; read bandwidth {lim['read_bandwidth'] / GB:.1f} GB/s (best pure read of 1 GiB: jnp.sum "
+                  f"{lim['sum_read'] / GB:.1f}, float32 gemv {lim['gemv_read'] / GB:.1f}; "
+                  f"{pct(lim['read_bandwidth'] / lim['bandwidth'])} of the copy rate)")
+    elif "gemv_read" in lim:
         bw.append(f"; a float32 gemv over 1 GiB reads at {lim['gemv_read'] / GB:.1f} GB/s "
                   f"({pct(lim['gemv_read'] / lim['bandwidth'])} of it)")
     lines.append("- limits measured in this run: " + "".join(bw) +
@@ -38,6 +42,8 @@ def decode_table(rows: list[dict], peer: str = "transformers") -> str:
     headers = ["dtype", "batch", "new tokens", "ours tok/s"]
     headers += [f"{peer} tok/s", "ours / peer"] if has_peer else []
     headers += ["roofline tok/s", "ours / roofline"] + ([f"{peer} / roofline"] if has_peer else [])
+    has_read = any("read_limit_tok_s" in r for r in rows)
+    headers += ["read roofline tok/s", "ours / read roofline"] if has_read else []
     headers += ["ours TTFT ms"] + ([f"{peer} TTFT ms"] if has_peer else []) + ["compile s"]
     body = []
     for r in rows:
@@ -47,6 +53,9 @@ def decode_table(rows: list[dict], peer: str = "transformers") -> str:
         line += [fmt(r["limit_tok_s"]), pct(r["ours_tok_s"] / r["limit_tok_s"] if r.get("ours_tok_s") else None)]
         if has_peer:
             line.append(pct(r["peer_tok_s"] / r["limit_tok_s"] if r.get("peer_tok_s") else None))
+        if has_read:
+            line += [fmt(r.get("read_limit_tok_s")),
+                     pct(r["ours_tok_s"] / r["read_limit_tok_s"] if r.get("read_limit_tok_s") else None)]
         line.append(fmt(1e3 * r["ours_ttft_s"] if r.get("ours_ttft_s") else None, ".0f"))
         if has_peer:
             line.append(fmt(1e3 * r["peer_ttft_s"] if r.get("peer_ttft_s") else None, ".0f"))
@@ -98,13 +107,14 @@ def train_table(rows: list[dict], peer: str = "torch") -> str:
 
 
 def profile_table(rows: list[dict]) -> str:
-    headers = ["dtype", "batch", "library step ms", "reference scan ms", "reference unrolled ms",
+    headers = ["dtype", "batch", "library step ms (Engine)", "library stacked ms", "reference scan ms",
+               "reference unrolled ms",
                "library / unrolled", "extra MiB written per step", "weights MiB", "max abs logit diff"]
     body = []
     for r in rows:
         s = r["step_s"]
         body.append([r["dtype"], str(r["batch"]), fmt(1e3 * s["library"]["best"], ".1f"),
-                     fmt(1e3 * s["scan"]["best"], ".1f"), fmt(1e3 * s["unrolled"]["best"], ".1f"),
+                     fmt(1e3 * s["stacked"]["best"], ".1f"), fmt(1e3 * s["scan"]["best"], ".1f"), fmt(1e3 * s["unrolled"]["best"], ".1f"),
                      ratio(s["library"]["best"], s["unrolled"]["best"]),
                      fmt(r["census"]["mib_per_step"], ".0f"), fmt(r["census"]["weights_mib"], ".0f"),
                      f"{r['max_abs_logit_diff']:.2g}"])
@@ -133,10 +143,15 @@ def targets(results: dict) -> list[str]:
     r = rows[0]
     vs_peer, vs_roof = r["ours_tok_s"] / r["peer_tok_s"], r["ours_tok_s"] / r["limit_tok_s"]
     mark = lambda ok: "met" if ok else "MISSED"
-    return [(f"- target, float32 batch-1 decode >= {TARGET_PEER_RATIO:g}x transformers: {vs_peer:.2f}x — "
-            f"{mark(vs_peer >= TARGET_PEER_RATIO)}"),
-            (f"- target, float32 batch-1 decode >= {TARGET_ROOFLINE:.0%} of the bandwidth roofline: {vs_roof:.0%} — "
-            f"{mark(vs_roof >= TARGET_ROOFLINE)}")]
+    lines = [(f"- target, float32 batch-1 decode >= {TARGET_PEER_RATIO:g}x transformers: {vs_peer:.2f}x — "
+              f"{mark(vs_peer >= TARGET_PEER_RATIO)}"),
+             (f"- target, float32 batch-1 decode >= {TARGET_ROOFLINE:.0%} of the bandwidth roofline: {vs_roof:.0%} "
+              f"of the copy-bandwidth roofline — {mark(vs_roof >= TARGET_ROOFLINE)}")]
+    if r.get("read_limit_tok_s"):
+        vs_read = r["ours_tok_s"] / r["read_limit_tok_s"]
+        lines.append(f"  - against the read-bandwidth roofline (a decode step only reads): {vs_read:.0%} — "
+                     f"{mark(vs_read >= TARGET_ROOFLINE)}")
+    return lines
 
 
 def markdown(results: dict) -> str:
