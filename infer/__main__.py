@@ -19,10 +19,10 @@ from llama_jax.checkpoint import load_params, open_checkpoint
 from llama_jax.data import Encoder, encoder_for
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generate import Engine, bucket, enable_compilation_cache
+from llama_jax.model import COMPUTE_DTYPES
 from llama_jax.sampling import SamplingParams
 from llama_jax.sharding import make_mesh
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def cache_home() -> Path:
@@ -62,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4 (default: one device)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute and KV-cache dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute and KV-cache dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
@@ -118,7 +118,7 @@ def run(args) -> int:
                          f"model's context of {config.max_position_embeddings} tokens")
 
     enable_compilation_cache(cache_home() / "xla")
-    dtype = DTYPES[args.dtype] if args.dtype else checkpoint.dtype
+    dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     mesh = make_mesh(args.mesh) if args.mesh else None
     params = load_params(checkpoint, mesh=mesh, dtype=dtype)
     max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)

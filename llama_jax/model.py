@@ -32,6 +32,8 @@ from llama_jax.norm import RMSNorm
 from llama_jax.sharding import constrain, tree_shardings
 from llama_jax.weights import INIT
 
+# The compute dtypes the programs offer (`--dtype`); params may be stored in any float dtype.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 Remat = Literal["none", "full", "dots"]
 # What the backward pass may keep instead of recomputing: "full" keeps nothing, "dots" keeps matmul outputs.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}

@@ -42,13 +42,12 @@ from llama_jax.data import batches, batches_per_epoch, encoder_for, eval_batches
 from llama_jax.errors import InputError, exit_code
 from llama_jax.flops import measured_peak_flops, training_flops_per_token
 from llama_jax.loss import next_token_loss
-from llama_jax.model import param_shapes, param_shardings
+from llama_jax.model import COMPUTE_DTYPES, param_shapes, param_shardings
 from llama_jax.run_checkpoints import RunCheckpoints
 from llama_jax.sharding import make_mesh, named_sharding, place
 from llama_jax.training import (OptimizerConfig, TrainState, abstract_state, init_state, learning_rate,
                                 make_optimizer, train_step)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def positive(kind):
@@ -80,8 +79,8 @@ def parse_args(argv):
     p.add_argument("--clip", type=positive(float), default=1.0)
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--mesh", default="fsdp=-1", help="e.g. data=2,fsdp=-1,tensor=2 (-1: remaining devices)")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--param-dtype", choices=COMPUTE_DTYPES, default="float32")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     p.add_argument("--save-every", type=positive(int), default=100)
     p.add_argument("--eval-every", type=positive(int), help="default: --save-every")
     p.add_argument("--keep", type=positive(int), default=3)
@@ -213,7 +212,7 @@ def run(args) -> int:
     say(f"{len(train_set.examples)} examples ({train_set.truncated} truncated, {train_set.skipped} skipped), "
         f"{per_epoch} steps per epoch, {total_steps} steps, {jax.device_count()} devices")
 
-    param_dtype, compute_dtype = DTYPES[args.param_dtype], DTYPES[args.compute_dtype]
+    param_dtype, compute_dtype = jnp.dtype(args.param_dtype), jnp.dtype(args.compute_dtype)
     opt_config = OptimizerConfig(total_steps=total_steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                                  weight_decay=args.weight_decay, clip=args.clip)
     optimizer, schedule = make_optimizer(opt_config), learning_rate(opt_config)
