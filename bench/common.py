@@ -15,7 +15,8 @@ SECTION_INTRO = """\
 in-place read+write, best of several: numpy and a donated jax `x + 1`), peak matmul FLOP/s
 (`llama_jax.flops.measured_peak_flops`), then generation with `Engine` (greedy, no early stop) and the jitted
 `train_step`, against the same work done by transformers (`generate`, and a torch forward+backward+AdamW step)
-on the same weights and inputs, the two interleaved run by run. Each figure is the best of its runs (the
+on the same weights and inputs, the two interleaved run by run (the torch training step in a child process: in
+one process each framework's training step slows the other's). Each figure is the best of its runs (the
 machine is shared with other jobs; load averages are noted). Decode roofline: tokens/s limit = bandwidth x batch /
 bytes read per step (every matmul weight once + the KV cache up to the mean context); prefill and training MFU =
 model FLOPs (`llama_jax.flops`, causal attention counted as half) / time / measured peak of the compute dtype.

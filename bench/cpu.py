@@ -5,7 +5,7 @@ transformers on the same machine, in the same run.
               peer: transformers generate(do_sample=False, min_new_tokens = max_new_tokens) on the same prompts
   TTFT        128- and 2048-token prompts, batch 1 (prefill tokens/s and MFU)
   training    train_step on 4 x 256 tokens, float32 params, float32 and bfloat16 compute; peer: torch
-              forward + backward + clip + AdamW (bfloat16: autocast)
+              forward + backward + clip + AdamW (bfloat16: autocast), in a child process
   profile     where a decode step's time goes (bench/profile.py)
 """
 
@@ -24,7 +24,7 @@ from bench import roofline
 from bench.common import best, interleave
 from bench.decode import OurGenerate, PeerGenerate
 from bench.profile import prefill_logits, profile_decode
-from bench.train import OurTrainStep, PeerTrainStep
+from bench.train import OurTrainStep, peer_train_runs
 from llama_jax.checkpoint import load_params, open_checkpoint
 
 DTYPES = ("float32", "bfloat16")
@@ -135,9 +135,7 @@ def run(args, limits: dict) -> dict:
         del ours, theirs, peer
         gc.collect()
 
-    # Ours first for both dtypes, then the peer: after a torch training step this process runs XLA's step
-    # 1.3-1.9x slower for many seconds (measured: 4.5 s -> 5.8-8.6 s, also with OMP_WAIT_POLICY=PASSIVE and after
-    # a 3 s pause), while after torch inference only the next step is slower (best-of-N discards it).
+    # The peer's steps run in a child process (see bench.train.peer_train_runs).
     params = load_params(open_checkpoint(dirs["float32"]))
     steps = max(1, rounds - 1)
     runs, compile_s = {}, {}
@@ -147,13 +145,9 @@ def run(args, limits: dict) -> dict:
         runs[dtype], compile_s[dtype] = interleave({"ours": ours}, steps), ours.compile_s
         del ours
         gc.collect()
-    for dtype in DTYPES:
-        log(f"training step, {dtype} compute: the peer")
-        theirs = PeerTrainStep(copy.deepcopy(peer_fp32), dtype=dtype, batch=args.train_batch,
-                               seq_len=args.train_seq, vocab_size=config.vocab_size)
-        runs[dtype] |= interleave({"peer": theirs}, steps)
-        del theirs
-        gc.collect()
+        log(f"training step, {dtype} compute: the peer, in a child process")
+        runs[dtype]["peer"] = peer_train_runs(dtype=dtype, batch=args.train_batch, seq_len=args.train_seq,
+                                              steps=steps, threads=threads["chosen"])
     flops = roofline.train_flops(config, args.train_batch, args.train_seq)
     for dtype in DTYPES:
         row = {"dtype": dtype, "batch": args.train_batch, "seq_len": args.train_seq, "compile_s": compile_s[dtype],

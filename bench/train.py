@@ -87,3 +87,23 @@ class PeerTrainStep:
         value = float(loss.detach())
         seconds = time.perf_counter() - start
         return {"step_s": seconds, "tokens_per_s": self.tokens / seconds, "loss": value}
+
+
+def peer_train_runs(*, dtype: str, batch: int, seq_len: int, steps: int, threads: int) -> list[dict]:
+    """`steps` timed PeerTrainStep calls (after one warm-up) in a fresh child process, on `threads` torch threads.
+
+    A child because the two frameworks slow each other down inside one process: after a torch training step XLA's
+    step ran 1.3-1.9x slower for many seconds (4.5 s -> 5.8-8.6 s, also with OMP_WAIT_POLICY=PASSIVE and after a
+    3 s pause), and the torch step after ours ran 1.7x slower (5.7 s -> 9.6 s).
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, torch; from bench.cpu import peer_model; from bench.train import PeerTrainStep; "
+            f"torch.set_num_threads({threads}); model = peer_model(); "
+            f"step = PeerTrainStep(model, dtype={dtype!r}, batch={batch}, seq_len={seq_len}, "
+            "vocab_size=model.config.vocab_size); "
+            f"print(json.dumps([step() for _ in range({steps})]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
