@@ -120,9 +120,10 @@ def run(args) -> int:
     enable_compilation_cache(cache_home() / "xla")
     dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     mesh = make_mesh(args.mesh) if args.mesh else None
-    params = load_params(checkpoint, mesh=mesh, dtype=dtype)
     max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)
-    engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=dtype, dtype=dtype, mesh=mesh)
+    # Not kept: the Engine splits the params per layer into its own arrays, and the stacked ones are freed.
+    engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype), config, max_len=max_len, sampling=sampling,
+                    cache_dtype=dtype, dtype=dtype, mesh=mesh)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1
 
     for first in range(0, len(prompts), args.batch_size):
