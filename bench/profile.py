@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the library's step against two plain-JAX reference steps on the same weights,
 and the large data-movement ops in the library step's compiled HLO.
 
-    library    llama_jax.generate.decode_step (jitted, cache donated) on the params and cache as the Engine holds them
+    library    llama_jax.generate.decode_step (jitted, cache donated) on the params as the Engine holds them
                (`unstack_layers`: the layers unrolled over per-layer arrays)
     stacked    the same on the stacked params (nn.scan over the layer axis)
     scan       reference: the same math as one lax.scan over the stacked layer params, lm_head contracted against
@@ -137,14 +137,13 @@ def profile_decode(params, config, *, dtype, batch: int = 1, max_len: int = 256,
     index = max_len // 2
     tokens = jnp.arange(1, batch + 1, dtype=jnp.int32)
     positions = jnp.full((batch,), index, jnp.int32)
-    def filled_cache(per_layer):  # each stepper donates its own
-        return init_cache(c, batch, max_len, dtype, per_layer=per_layer)._replace(
-            segment_ids=jnp.ones((batch, max_len), jnp.int32))
+    def filled_cache():  # each stepper donates its own
+        return init_cache(c, batch, max_len, dtype)._replace(segment_ids=jnp.ones((batch, max_len), jnp.int32))
 
 
     library_step = jax.jit(functools.partial(decode_step, config=c, dtype=dtype), donate_argnums=1)
     runs = {name: _Stepper(lambda p, cache, i: library_step(p, cache._replace(index=i), tokens, positions),
-                           (tree,), filled_cache(per_layer=name == "library"), lambda: jnp.int32(index))
+                           (tree,), filled_cache(), lambda: jnp.int32(index))
             for name, tree in (("library", jax.jit(unstack_layers)(params)), ("stacked", params))}
     library = runs["library"]
     shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
@@ -179,8 +178,8 @@ def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
     c = config
     state = DecodeState(*(jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.int32, jnp.bool_)),
                         jax.ShapeDtypeStruct((), jnp.int32))
-    args = (jax.eval_shape(unstack_layers, params),
-            jax.eval_shape(lambda: init_cache(c, batch, max_len, dtype, per_layer=True)), state,
+    args = (jax.eval_shape(unstack_layers, params), jax.eval_shape(lambda: init_cache(c, batch, max_len, dtype)),
+            state,
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
     decode = jax.jit(functools.partial(_decode, config=c, sampling=GREEDY, dtype=dtype, width=max_len),
@@ -197,7 +196,7 @@ def prefill_logits(params, config, *, dtype, batch: int, prompt_len: int) -> lis
     """Shapes of the vocab-wide dots in the Engine's prefill program: the logits it computes."""
     c = config
     args = (jax.eval_shape(unstack_layers, params),
-            jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype, per_layer=True)),
+            jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype)),
             *(jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32) for _ in range(3)),
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
     prefill = jax.jit(functools.partial(_prefill, config=c, sampling=GREEDY, dtype=dtype), donate_argnums=1)

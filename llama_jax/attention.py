@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.cache import write_layer
+from llama_jax.cache import write
 from llama_jax.config import LlamaConfig
 from llama_jax.rope import apply_rope, inverse_frequencies
 from llama_jax.sharding import constrain
@@ -84,8 +84,8 @@ class Attention(nn.Module):
         """Self-attention over `x` and, when given, this layer's cached keys/values.
 
         x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`.
-        cache: None, or every layer's (k, v) (stacked, or per layer: see KVCache); this layer's new keys and
-        values are written in place at slots cache_index .. cache_index + seq - 1 of `layer` and attention reads
+        cache: None, or every layer's (k, v) `[layers, batch, kv_heads, max_len, head_dim]`; this layer's new keys
+        and values are written in place at `[layer, :, :, cache_index : cache_index + seq]` and attention reads
         that layer's max_len slots (kv_len = max_len then, else seq).
         Returns (`[batch, seq, embed]`, the updated cache or None).
         """
@@ -96,9 +96,9 @@ class Attention(nn.Module):
         v = self.project_in("v", x, "kv_heads", c.num_key_value_heads)
         k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
         if cache is not None:
-            (k_cache, k), (v_cache, v) = (write_layer(buffer, layer, new, cache_index)
-                                          for buffer, new in zip(cache, (k, v), strict=True))
-            cache, k, v = (k_cache, v_cache), k.astype(self.dtype), v.astype(self.dtype)
+            start = (layer, 0, 0, cache_index, 0)
+            cache = tuple(write(old, new[None], start) for old, new in zip(cache, (k, v), strict=True))
+            k, v = (t[layer].astype(self.dtype) for t in cache)
         out = attend(q, k, v, mask)
         o = weight(self, "o", ("heads", "head_dim", "embed"), (c.num_attention_heads, c.head_dim, c.hidden_size))
         # As one [heads * head_dim, embed] matrix: contracting (heads, head_dim) as two axes lets XLA:CPU pick a

@@ -7,49 +7,30 @@ import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
 
-# Logical axis names of the cache's arrays, for sharding: stacked, and one layer's.
+# Logical axis names of the cache's arrays, for sharding.
 CACHE_NAMES = ("layers", "batch", "kv_heads", "seq", "head_dim")
-LAYER_CACHE_NAMES = CACHE_NAMES[1:]
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots, and which slots hold which segment.
 
-    k, v:        `[layers, batch, kv_heads, max_len, head_dim]`, or a tuple of one `[batch, kv_heads, max_len,
-                 head_dim]` array per layer (for unstacked params: attention then reads its layer's keys without
-                 slicing, which XLA would copy), already rotated (RoPE applied to k). Slots are the second-minor
-                 axis so that attention reads each head's keys as one contiguous matrix.
+    k, v:        `[layers, batch, kv_heads, max_len, head_dim]`, already rotated (RoPE applied to k). Slots are the
+                 second-minor axis so that attention reads each head's keys as one contiguous matrix.
     segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
     index:       int32 scalar, the next slot to write (all rows advance together; rows differ by left padding).
     """
 
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *, per_layer: bool = False
-               ) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated); `per_layer`:
-    k and v as one array per layer (what a forward over `unstack_layers` params reads fastest)."""
-    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-    if per_layer:
-        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)) for _ in range(2))
-    else:
-        k, v = (jnp.zeros((config.num_hidden_layers, *shape), dtype) for _ in range(2))
-    return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def write_layer(buffer: jax.Array | tuple[jax.Array, ...], layer: jax.Array | int, new: jax.Array,
-                index: jax.Array | int) -> tuple[jax.Array | tuple[jax.Array, ...], jax.Array]:
-    """Write `new` `[batch, kv_heads, seq, head_dim]` at slots index .. index + seq - 1 of `layer` (an int for a
-    per-layer buffer). Returns (the updated buffer, that layer's `[batch, kv_heads, max_len, head_dim]`)."""
-    if isinstance(buffer, tuple):
-        updated = write(buffer[layer], new, (0, 0, index, 0))
-        return (*buffer[:layer], updated, *buffer[layer + 1:]), updated
-    buffer = write(buffer, new[None], (layer, 0, 0, index, 0))
-    return buffer, buffer[layer]
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated)."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.cache import LAYER_CACHE_NAMES, KVCache, init_cache
+from llama_jax.cache import CACHE_NAMES, KVCache, init_cache
 from llama_jax.config import LlamaConfig
 from llama_jax.model import forward, param_shardings, unstack_layers
 from llama_jax.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
@@ -164,8 +164,7 @@ class Engine:
         """Shardings of the outputs (cache, state[, tokens `[batch, width]`]), or None without a mesh."""
         if self.mesh is None:
             return None
-        layers = jax.eval_shape(self._empty_cache_fn(batch)).k
-        kv = tuple(self._sharding(LAYER_CACHE_NAMES, layer.shape) for layer in layers)
+        kv = self._sharding(CACHE_NAMES, jax.eval_shape(self._empty_cache_fn(batch)).k.shape)
         cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()))
         rows = self._sharding(("batch",), (batch,))
         state = DecodeState(rows, rows, rows, self._sharding((), ()))
@@ -188,7 +187,7 @@ class Engine:
         return self._executables[key], time.perf_counter() - start
 
     def _empty_cache_fn(self, batch: int) -> Callable[[], KVCache]:
-        return functools.partial(init_cache, self.config, batch, self.max_len, self.cache_dtype, per_layer=True)
+        return functools.partial(init_cache, self.config, batch, self.max_len, self.cache_dtype)
 
     def empty_cache(self, batch: int) -> KVCache:
         """A zeroed cache for `batch` rows, laid out on the mesh."""

@@ -91,8 +91,6 @@ class Llama(nn.Module):
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         carry, layer_args = (x, kv), (positions, mask, offset)
         if self.scan_layers:
-            if isinstance(kv, tuple) and isinstance(kv[0], tuple):
-                raise ValueError("a per-layer KV cache needs per-layer params (unstack_layers)")
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})

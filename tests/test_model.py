@@ -176,13 +176,12 @@ def test_last_only_logits_are_the_last_position():
     assert_close(last[:, 0], ref["logits"][:, -1], FP32_TOL)
 
 
-@pytest.mark.parametrize("layout,per_layer", [("stacked", False), ("unstacked", False), ("unstacked", True)])
-def test_cached_forward_equals_full_forward(layout, per_layer):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_forward_equals_full_forward(layout):
     config, params, ref = load_fixture("rope_scaling")
     params = LAYOUTS[layout](params)
     tokens = jnp.asarray(ref["tokens"][:, :40])
-    cache = lj.init_cache(config, batch=2, max_len=48, per_layer=per_layer)
-    assert isinstance(cache.k, tuple) == per_layer
+    cache = lj.init_cache(config, batch=2, max_len=48)
     step = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat"))
     prefill, cache = step(params, tokens[:, :30], config, cache=cache)
     pieces = [prefill]
@@ -191,13 +190,6 @@ def test_cached_forward_equals_full_forward(layout, per_layer):
         pieces.append(logits)
     assert int(cache.index) == 40
     assert_close(np.concatenate(pieces, axis=1), ref["logits"][:, :40], FP32_TOL)
-
-
-def test_per_layer_cache_needs_per_layer_params():
-    config, params, ref = load_fixture("tied")
-    with pytest.raises(ValueError, match="per-layer KV cache needs per-layer params"):
-        lj.forward(params, jnp.asarray(ref["tokens"][:, :4]), config,
-                   cache=lj.init_cache(config, batch=2, max_len=8, per_layer=True))
 
 
 def test_init_params_places_directly_on_mesh():
