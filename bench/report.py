@@ -113,8 +113,8 @@ def profile_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         s = r["step_s"]
-        body.append([r["dtype"], str(r["batch"]), fmt(1e3 * s["library"]["best"], ".1f"),
-                     fmt(1e3 * s["stacked"]["best"], ".1f"), fmt(1e3 * s["scan"]["best"], ".1f"), fmt(1e3 * s["unrolled"]["best"], ".1f"),
+        body.append([r["dtype"], str(r["batch"]),
+                     *(fmt(1e3 * s[run]["best"], ".1f") for run in ("library", "stacked", "scan", "unrolled")),
                      ratio(s["library"]["best"], s["unrolled"]["best"]),
                      fmt(r["census"]["mib_per_step"], ".0f"), fmt(r["census"]["weights_mib"], ".0f"),
                      f"{r['max_abs_logit_diff']:.2g}"])

@@ -125,7 +125,7 @@ def _write_leaf(directory: Path, value: np.ndarray, dtype: np.dtype, stacked: bo
     """Write one leaf as a zarr3 array, a slab of chunks at a time (cast slab by slab): no copy of the whole."""
     chunk = chunk_shape(value.shape, dtype.itemsize, stacked)
     store = ts.open({
-        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory)},
+        **_zarr3(directory),
         "metadata": {"shape": list(value.shape), "data_type": dtype.name, "fill_value": 0,
                      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
                      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
@@ -136,8 +136,12 @@ def _write_leaf(directory: Path, value: np.ndarray, dtype: np.dtype, stacked: bo
 
 def read_leaf(params_dir: Path, path: tuple[str, ...]) -> ts.TensorStore:
     """One stored leaf, opened lazily: index it (e.g. `[layer]`) and `.read().result()` to get numpy."""
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(leaf_directory(params_dir, path))},
-                    "open": True}).result()
+    return ts.open({**_zarr3(leaf_directory(params_dir, path)), "open": True}).result()
+
+
+def _zarr3(directory: Path) -> dict:
+    """The tensorstore spec of the zarr3 array in `directory` (how Orbax stores a leaf without OCDBT)."""
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory)}}
 
 
 def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Iterable[tuple[tuple[str, ...], Any]], *,

@@ -49,7 +49,6 @@ from llama_jax.training import (OptimizerConfig, TrainState, abstract_state, ini
                                 make_optimizer, train_step)
 
 
-
 def positive(kind):
     def parse(text):
         value = kind(text)
