@@ -17,6 +17,7 @@ of its own shard.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -24,7 +25,7 @@ import importlib.metadata
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,21 @@ def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None)
     else:
         shardings = tree_shardings(mesh, param_logical_names(checkpoint.config), shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return ocp.load(checkpoint.directory / "params", abstract)
+    with _orbax_warnings_off():  # it looks for OCDBT files, which we do not write
+        return ocp.load(checkpoint.directory / "params", abstract)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off() -> Iterator[None]:
+    """Orbax warns about OCDBT files it does not find, when saving (nothing to merge) and loading ("may be a sign
+    of a malformed checkpoint"): our checkpoints have none by design, so only its errors are shown."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _release_freed_memory() -> None:
@@ -163,14 +178,8 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
         params_dir = work / "params"
         context = ocp.Context()
         context.array.saving.use_ocdbt = False
-        absl = logging.getLogger("absl")  # Orbax warns that it found no OCDBT data to merge: we chose none
-        level = absl.level
-        absl.setLevel(logging.ERROR)
-        try:
-            with context:
-                ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
-        finally:
-            absl.setLevel(level)
+        with context, _orbax_warnings_off():
+            ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
         for path, value in leaves:
             if expected.pop(path, None) != np.shape(value):
                 raise ValueError(f"unexpected params leaf {'/'.join(path)} {np.shape(value)}")

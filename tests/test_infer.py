@@ -25,6 +25,7 @@ def test_readme_demo_on_a_fresh_cache(tmp_path):
     assert "First use: converting SmolLM2-135M-Instruct" in first.stderr
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "Paris" in second.stdout and "First use" not in second.stderr
+    assert "WARNING" not in first.stderr + second.stderr, "a library warning reached the user"
 
 
 def test_greedy_equals_transformers_generate(smollm2_checkpoint, hf_smollm2_model):
