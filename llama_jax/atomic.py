@@ -21,7 +21,7 @@ def partial_path(destination: Path) -> Path:
 def atomic_directory(destination: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty work directory that replaces `destination` by one rename when the block succeeds.
 
-    An existing destination is an InputError unless `force`. On any exception (Ctrl-C included) the work
+    An existing destination is an InputError unless `force`, and so is one whose directory cannot be created. On any exception (Ctrl-C included) the work
     directory is removed; after a kill -9 it is left hidden and the next run clears it. In a multi-process JAX
     job every process enters the block together; process 0 alone creates, removes and renames.
     """
@@ -32,7 +32,10 @@ def atomic_directory(destination: str | os.PathLike, *, force: bool = False) -> 
     primary = jax.process_index() == 0
     if primary:
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        try:
+            work.mkdir(parents=True)
+        except OSError as e:
+            raise InputError(destination, f"cannot be written here ({e.strerror})") from None
     _all_processes_reach(f"atomic_directory {destination} begin")
     try:
         yield work

@@ -109,6 +109,16 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, variant):
     assert tokenizer.decode(tokenizer("héllo")["input_ids"]) == "héllo"
 
 
+def test_unwritable_destination_is_one_line(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "hf", "mha")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert run_convert("hf", src, blocker / "ckpt") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "cannot be written here" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "hf"]
+
+
 def test_existing_destination_needs_force(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "hf", "mha")
     dst = tmp_path / "ckpt"
