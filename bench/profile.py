@@ -182,8 +182,8 @@ def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
             state,
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
-    decode = jax.jit(functools.partial(_decode, config=c, sampling=GREEDY, dtype=dtype, width=max_len),
-                     donate_argnums=1)
+    static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
+    decode = jax.jit(functools.partial(_decode, **static, width=max_len), donate_argnums=1)
     rows = hlo_census(decode.lower(*args).compile().as_text())
     per = {0: 0, 1: 1, 2: c.num_hidden_layers}
     for row in rows:
@@ -199,7 +199,8 @@ def prefill_logits(params, config, *, dtype, batch: int, prompt_len: int) -> lis
             jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype)),
             *(jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32) for _ in range(3)),
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
-    prefill = jax.jit(functools.partial(_prefill, config=c, sampling=GREEDY, dtype=dtype), donate_argnums=1)
+    static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
+    prefill = jax.jit(functools.partial(_prefill, **static), donate_argnums=1)
     text = prefill.lower(*args).compile().as_text()
     return sorted({f"{m.group(2)}[{m.group(3)}]" for m in map(_INSTRUCTION.match, text.splitlines())
                    if m and m.group(4) == "dot" and str(c.vocab_size) in m.group(3).split(",")})

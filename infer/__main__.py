@@ -11,15 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
+from llama_jax.attention import ATTENTION_IMPLS
 from llama_jax.chat import StreamDecoder, chat_messages
 from llama_jax.checkpoint import load_params, open_checkpoint
 from llama_jax.conversion import cache_home, smollm2_checkpoint
 from llama_jax.data import Encoder, encoder_for
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generate import Engine, bucket, enable_compilation_cache
-from llama_jax.model import COMPUTE_DTYPES
+from llama_jax.model import COMPUTE_DTYPES, check_attention
 from llama_jax.sampling import SamplingParams
 from llama_jax.sharding import make_mesh
 
@@ -42,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4 (default: one device)")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute and KV-cache dtype (default: the checkpoint's)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
+                   help="prefill attention: cudnn is cuDNN flash attention (a GPU and --dtype bfloat16)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
@@ -101,11 +105,12 @@ def run(args) -> int:
 
     enable_compilation_cache(cache_home() / "xla")
     dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
+    check_attention(args.attention, dtype, jax.default_backend())
     mesh = make_mesh(args.mesh) if args.mesh else None
     max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)
     # Not kept: the Engine splits the params per layer into its own arrays, and the stacked ones are freed.
     engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype), config, max_len=max_len, sampling=sampling,
-                    cache_dtype=dtype, dtype=dtype, mesh=mesh)
+                    cache_dtype=dtype, dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1
 
     for first in range(0, len(prompts), args.batch_size):

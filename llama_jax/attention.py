@@ -26,6 +26,11 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
     return causal[None] & same & (kv_segments[:, None, :] != 0)
 
 
+# How `Attention` computes softmax(q k^T) v (forward's `attention=`): "xla" is `attend` below, on any backend;
+# "cudnn" is cuDNN's fused flash attention (`jax.nn.dot_product_attention`; a GPU, 16-bit compute) for every call
+# with more than one query (prefill, training), and `attend` for one-token decode steps.
+ATTENTION_IMPLS = ("xla", "cudnn")
+
 # Queries per block in `attend`: a long prompt attends block by block, each block to the keys it can see.
 QUERY_BLOCK = 256
 
@@ -63,10 +68,23 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool,
+                 implementation: str) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention` (implementation "cudnn", or its "xla" reference).
+
+    Shapes and mask as `attend`. causal: the mask allows nothing above the diagonal of a square seq x kv_len
+    score matrix (a forward without a cache), so a fused kernel may skip those blocks.
+    """
+    k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_len, kv_heads, head_dim]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal,
+                                        implementation=implementation)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"  # one of ATTENTION_IMPLS
 
     def project_in(self, name: str, x: jax.Array, heads_axis: str, heads: int) -> jax.Array:
         """x `[batch, seq, embed]` -> `[batch, seq, heads, head_dim]`."""
@@ -99,7 +117,10 @@ class Attention(nn.Module):
             start = (layer, 0, 0, cache_index, 0)
             cache = tuple(write(old, new[None], start) for old, new in zip(cache, (k, v), strict=True))
             k, v = (t[layer].astype(self.dtype) for t in cache)
-        out = attend(q, k, v, mask)
+        if self.attention == "cudnn" and q.shape[1] > 1:
+            out = attend_fused(q, k, v, mask, causal=cache is None, implementation="cudnn")
+        else:
+            out = attend(q, k, v, mask)
         o = weight(self, "o", ("heads", "head_dim", "embed"), (c.num_attention_heads, c.head_dim, c.hidden_size))
         # As one [heads * head_dim, embed] matrix: contracting (heads, head_dim) as two axes lets XLA:CPU pick a
         # layout that transposes the whole weight at every call.

@@ -27,7 +27,7 @@ import numpy as np
 
 from llama_jax.cache import CACHE_NAMES, KVCache, init_cache
 from llama_jax.config import LlamaConfig
-from llama_jax.model import forward, param_shardings, unstack_layers
+from llama_jax.model import check_attention, forward, param_shardings, unstack_layers
 from llama_jax.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
 from llama_jax.sharding import named_sharding
 
@@ -61,10 +61,10 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 
 
 def decode_step(params: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
-                dtype=jnp.float32) -> tuple[jax.Array, KVCache]:
+                dtype=jnp.float32, attention: str = "xla") -> tuple[jax.Array, KVCache]:
     """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache."""
     logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None],
-                            segment_ids=jnp.ones_like(tokens)[:, None], cache=cache, dtype=dtype)
+                            segment_ids=jnp.ones_like(tokens)[:, None], cache=cache, dtype=dtype, attention=attention)
     return logits[:, 0], cache
 
 
@@ -77,18 +77,18 @@ class DecodeState(NamedTuple):
     step: jax.Array  # tokens emitted so far by each unfinished row
 
 
-def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype):
+def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype, attention):
     """Prompts `[batch, seq]` into an empty cache; samples each row's first token. -> (cache, DecodeState).
 
     keys: `[batch]` PRNG keys, one stream per row; is_stop: bool `[vocab]`, the stop tokens.
     """
     logits, cache = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, cache=cache,
-                            dtype=dtype, last_only=True)
+                            dtype=dtype, last_only=True, attention=attention)
     first = sample(logits[:, -1], step_keys(keys, 0), sampling)
     return cache, DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.int32(1))
 
 
-def _decode(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, width):
+def _decode(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, attention, width):
     """Up to `width` steps, stopping once state.step reaches `limit` or every row is done.
 
     Returns (cache, state, tokens `[batch, width]` int32): the tokens emitted, EMPTY where a row had already
@@ -102,7 +102,8 @@ def _decode(params, cache, state, keys, is_stop, limit, *, config, sampling, dty
 
     def step(carry):
         cache, s, out, i = carry
-        logits, cache = decode_step(params, cache, jnp.where(s.done, 0, s.token), s.position, config, dtype)
+        logits, cache = decode_step(params, cache, jnp.where(s.done, 0, s.token), s.position, config, dtype,
+                                    attention)
         token = sample(logits, step_keys(keys, s.step), sampling)
         out = jax.lax.dynamic_update_slice(out, jnp.where(s.done, EMPTY, token)[:, None], (0, i))
         state = DecodeState(token, s.position + 1, s.done | is_stop[token], s.step + 1)
@@ -140,13 +141,16 @@ class Engine:
     max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
     sampling:    how tokens are picked (compiled in; make another Engine to change it).
     cache_dtype: dtype of the cached keys and values; dtype: compute dtype of the forward.
+    attention:   "xla" or "cudnn" (see `forward`; one-token decode steps attend the "xla" way either way).
     mesh:        a mesh with axes data/fsdp/tensor: rows split over data (and fsdp), heads and vocab over tensor.
     """
 
     def __init__(self, params: Any, config: LlamaConfig, *, max_len: int, sampling: SamplingParams = GREEDY,
-                 cache_dtype=jnp.float32, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None):
+                 cache_dtype=jnp.float32, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                 attention: str = "xla"):
+        check_attention(attention, dtype)
         self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
-        self.cache_dtype, self.dtype = cache_dtype, dtype
+        self.cache_dtype, self.dtype, self.attention = cache_dtype, dtype, attention
         params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params)
@@ -178,7 +182,7 @@ class Engine:
         if key in self._executables:
             return self._executables[key], 0.0
         start = time.perf_counter()
-        static = dict(config=self.config, sampling=self.sampling, dtype=self.dtype)
+        static = dict(config=self.config, sampling=self.sampling, dtype=self.dtype, attention=self.attention)
         if width is not None:
             static["width"] = width
         jitted = jax.jit(functools.partial(fn, **static), donate_argnums=1, out_shardings=self._layout(batch, width))

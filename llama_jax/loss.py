@@ -10,7 +10,7 @@ from llama_jax.model import Remat, forward
 
 
 def next_token_loss(params: Any, batch: dict[str, jax.Array], config: LlamaConfig, *, dtype=jnp.float32,
-                    remat: Remat = "none") -> tuple[jax.Array, dict[str, jax.Array]]:
+                    remat: Remat = "none", attention: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of predicting token t+1 from tokens <= t, over the weighted targets.
 
     batch: tokens `[batch, seq]` int; loss_mask `[batch, seq]` (weight of each token *as a target*; 0 for
@@ -21,7 +21,7 @@ def next_token_loss(params: Any, batch: dict[str, jax.Array], config: LlamaConfi
     tokens = batch["tokens"]
     segments = batch.get("segment_ids")
     logits, _ = forward(params, tokens, config, positions=batch.get("positions"), segment_ids=segments,
-                        dtype=dtype, remat=remat)
+                        dtype=dtype, remat=remat, attention=attention)
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     target_log_probs = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)

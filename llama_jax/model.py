@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.attention import Attention, attention_mask
+from llama_jax.attention import ATTENTION_IMPLS, Attention, attention_mask
 from llama_jax.cache import KVCache
 from llama_jax.config import LlamaConfig
 from llama_jax.mlp import MLP
@@ -43,6 +43,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, carry, layer, positions, mask, cache_index):
@@ -53,7 +54,7 @@ class DecoderLayer(nn.Module):
         """
         x, cache = carry
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, cache = Attention(c, **kw, name="attn")(
+        h, cache = Attention(c, **kw, attention=self.attention, name="attn")(
             RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x), positions, mask, cache, layer,
             cache_index)
         x = x + h
@@ -70,6 +71,7 @@ class Llama(nn.Module):
     remat: Remat = "none"
     last_only: bool = False  # logits for the last position only (prefill needs no more)
     scan_layers: bool = True  # params stacked under `layers` (one nn.scan), or one `layer_{i}` each (unrolled)
+    attention: str = "xla"  # see llama_jax.attention.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
@@ -94,11 +96,12 @@ class Llama(nn.Module):
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            carry, _ = layers(c, self.dtype, self.param_dtype, name="layers")(
+            carry, _ = layers(c, self.dtype, self.param_dtype, self.attention, name="layers")(
                 carry, jnp.arange(c.num_hidden_layers), *layer_args)
         else:
             for i in range(c.num_hidden_layers):
-                carry, _ = layer(c, self.dtype, self.param_dtype, name=f"layer_{i}")(carry, i, *layer_args)
+                carry, _ = layer(c, self.dtype, self.param_dtype, self.attention, name=f"layer_{i}")(
+                    carry, i, *layer_args)
         x, kv = carry
 
         if self.last_only:
@@ -118,7 +121,8 @@ class Llama(nn.Module):
 
 def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, cache: KVCache | None = None, dtype=jnp.float32,
-            remat: Remat = "none", last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+            remat: Remat = "none", last_only: bool = False, attention: str = "xla"
+            ) -> tuple[jax.Array, KVCache | None]:
     """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
 
     positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
@@ -128,16 +132,30 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
+    attention:   "xla" (any backend) or "cudnn" (a GPU and a 16-bit dtype; see llama_jax.attention).
     params:      stacked (`layers`, as `init_params` and checkpoints make them) or from `unstack_layers`.
-    Jit it with `config`, `dtype`, `remat` and `last_only` static.
+    Jit it with `config`, `dtype`, `remat`, `last_only` and `attention` static.
     """
+    check_attention(attention, dtype)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-    model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params)
+    model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params,
+                  attention=attention)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache)
+
+
+def check_attention(attention: str, dtype, backend: str | None = None) -> None:
+    """ValueError unless `attention` is one of ATTENTION_IMPLS and runs in compute `dtype` (and, when given, on
+    jax `backend`: the programs check that before loading anything)."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
+    if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
+        raise ValueError(f"cuDNN attention needs a 16-bit compute dtype (bfloat16), not {jnp.dtype(dtype).name}")
+    if attention == "cudnn" and backend not in (None, "gpu"):
+        raise ValueError(f"cuDNN attention needs a GPU; jax runs on {backend} here")
 
 
 def unstack_layers(params: Any) -> Any:

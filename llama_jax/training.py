@@ -96,16 +96,17 @@ def abstract_state(params: Any, optimizer: optax.GradientTransformation) -> Trai
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: LlamaConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, dtype=jnp.bfloat16,
-               remat: Remat = "none") -> tuple[TrainState, dict[str, jax.Array]]:
+               remat: Remat = "none", attention: str = "xla") -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum` micro-batches: batch arrays are `[accum, micro_batch, seq]`.
 
     Gradients are summed over micro-batches and divided by the total target weight, so the update equals the
-    one for the whole batch at once. Metrics: loss, grad_norm (before clipping), lr, tokens (targets counted).
+    one for the whole batch at once. dtype, remat, attention: as `forward`. Metrics: loss, grad_norm (before
+    clipping), lr, tokens (targets counted).
     """
     def micro(carry, micro_batch):
         grad_sum, loss_sum, weight = carry
         def summed(params):
-            _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat)
+            _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention)
             return aux["loss_sum"], aux["weight"]
         (micro_loss, micro_weight), grads = jax.value_and_grad(summed, has_aux=True)(state.params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)

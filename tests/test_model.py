@@ -18,7 +18,7 @@ FP32_TOL = 1e-4  # max abs logit difference, logits of order 1-10
 
 
 def logits_of(params, tokens, config, **kwargs):
-    logits, _ = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat", "last_only"))(
+    logits, _ = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat", "last_only", "attention"))(
         params, jnp.asarray(tokens), config, **kwargs)
     return np.asarray(logits)
 
@@ -204,13 +204,13 @@ def test_init_params_places_directly_on_mesh():
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
 
 
-@pytest.mark.parametrize("offset", [0, 5])
-def test_blocked_attention_equals_one_block(offset):
-    """Query blocks see only the slots they may (causal cut); a left-padded row and a cache offset included."""
-    from llama_jax.attention import attend, attention_mask
+def attention_inputs(offset: int, kv_len: int):
+    """Random GQA q `[2, 40, 4, 8]`, k/v `[2, 2, kv_len, 8]`, the mask (row 1 left padded by 7, `offset` cached
+    slots before the queries) and which queries are real tokens."""
+    from llama_jax.attention import attention_mask
 
     rng = np.random.default_rng(0)
-    batch, seq, heads, kv_heads, head_dim, kv_len = 2, 40, 4, 2, 8, 50
+    batch, seq, heads, kv_heads, head_dim = 2, 40, 4, 2, 8
     q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, kv_len, head_dim)), jnp.float32) for _ in range(2))
     segments = np.ones((batch, seq), np.int32)
@@ -219,7 +219,81 @@ def test_blocked_attention_equals_one_block(offset):
     kv_segments[:, :offset] = 1
     kv_segments[:, offset:offset + seq] = segments
     mask = attention_mask(jnp.asarray(segments), jnp.asarray(kv_segments), offset)
-    real = segments.astype(bool)  # a padding query sees nothing: its (unused) output is a mean over what it is shown
-    whole = np.asarray(attend(q, k, v, mask, block=seq))[real]
+    return q, k, v, mask, segments.astype(bool)
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_blocked_attention_equals_one_block(offset):
+    """Query blocks see only the slots they may (causal cut); a left-padded row and a cache offset included."""
+    from llama_jax.attention import attend
+
+    q, k, v, mask, real = attention_inputs(offset, kv_len=50)
+    # a padding query sees nothing: its (unused) output is a mean over what it is shown
+    whole = np.asarray(attend(q, k, v, mask, block=q.shape[1]))[real]
     for block in (16, 7):
         assert_close(np.asarray(attend(q, k, v, mask, block=block))[real], whole, 1e-6)
+
+
+@pytest.mark.parametrize("offset, kv_len", [(0, 40), (5, 50)])
+def test_fused_attention_layout_equals_attend(offset, kv_len):
+    """The cuDNN path's layout, GQA head order and mask, run by jax.nn.dot_product_attention's XLA reference."""
+    from llama_jax.attention import attend, attend_fused
+
+    q, k, v, mask, real = attention_inputs(offset, kv_len)
+    square = offset == 0 and kv_len == q.shape[1]  # no cache: the causal shortcut applies
+    fused = np.asarray(attend_fused(q, k, v, mask, causal=square, implementation="xla"))
+    assert_close(fused[real], np.asarray(attend(q, k, v, mask))[real], 1e-5)
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+    """jax.nn.dot_product_attention with implementation="cudnn" runs its XLA reference instead (no GPU here);
+    yields the list of the calls' (implementation, is_causal, query seq)."""
+    calls, real = [], jax.nn.dot_product_attention
+
+    def stand_in(q, k, v, *args, implementation=None, is_causal=False, **kwargs):
+        calls.append((implementation, is_causal, q.shape[1]))
+        return real(q, k, v, *args, implementation="xla", is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    return calls
+
+
+def test_cudnn_attention_path_matches_xla_in_bf16(cudnn_on_cpu):
+    """attention="cudnn": prefill/training forwards go through the fused call (causal when there is no cache),
+    one-token cached steps do not; logits and loss gradients agree with attention="xla" in bfloat16."""
+    config, params, ref = load_fixture("gqa")
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    tokens = jnp.asarray(ref["tokens"])
+    kw = dict(dtype=jnp.bfloat16)
+    assert_close(logits_of(params, tokens, config, attention="cudnn", **kw),
+                 logits_of(params, tokens, config, **kw), 0.1)
+    assert set(cudnn_on_cpu) == {("cudnn", True, tokens.shape[1])}  # (nn.scan traces its body more than once)
+
+    cudnn_on_cpu.clear()
+    step = jax.jit(lj.forward, static_argnames=("config", "dtype", "attention"))
+    expected = []
+    for attention in ("cudnn", "xla"):
+        cache = lj.init_cache(config, batch=2, max_len=16, dtype=jnp.bfloat16)
+        prefill, cache = step(params, tokens[:, :8], config, cache=cache, attention=attention, **kw)
+        decoded, _ = step(params, tokens[:, 8:9], config, cache=cache, attention=attention, **kw)
+        expected.append(np.concatenate([prefill, decoded], axis=1))
+    assert_close(*expected, 0.1)
+    assert set(cudnn_on_cpu) == {("cudnn", False, 8)}  # the prefill over the cache, not the decode step
+
+    def loss(p, attention):
+        logits, _ = lj.forward(p, tokens, config, attention=attention, **kw)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    grads = [jax.grad(loss)(params, attention)["layers"]["attn"]["q"].astype(jnp.float32)
+             for attention in ("cudnn", "xla")]
+    assert np.isfinite(grads[0]).all() and np.abs(grads[1]).max() > 0
+    np.testing.assert_allclose(*grads, atol=0.05 * np.abs(grads[1]).max())
+
+
+@pytest.mark.parametrize("attention, dtype, message", [("cudnn", jnp.float32, "16-bit"), ("flash", jnp.bfloat16,
+                                                                                        "must be one of")])
+def test_bad_attention_choice_is_a_clear_error(attention, dtype, message):
+    config, params, ref = load_fixture("gqa")
+    with pytest.raises(ValueError, match=message):
+        lj.forward(params, jnp.asarray(ref["tokens"]), config, attention=attention, dtype=dtype)

@@ -181,7 +181,9 @@ def test_bad_arguments_and_inputs_give_one_line_and_exit_2(tiny, data, tmp_path,
     cases = [([str(tiny), "--data", str(tmp_path / "missing.jsonl")], f"{tmp_path / 'missing.jsonl'}: no such file"),
              ([str(tiny), "--data", str(bad_json)], f"{bad_json}:2: not valid JSON"),
              ([str(tmp_path), "--data", str(data[0])], f"{tmp_path}: not a llama_jax checkpoint"),
-             ([str(tiny), "--data", str(data[0]), "--mesh", "data=3"], "--mesh: mesh spec 'data=3' uses 3 devices")]
+             ([str(tiny), "--data", str(data[0]), "--mesh", "data=3"], "--mesh: mesh spec 'data=3' uses 3 devices"),
+             ([str(tiny), "--data", str(data[0]), "--attention", "cudnn"],
+              "--attention: cuDNN attention needs a GPU; jax runs on cpu here")]
     for args, problem in cases:
         assert train_main([*args, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err

@@ -37,12 +37,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from llama_jax.attention import ATTENTION_IMPLS
 from llama_jax.checkpoint import load_params, open_checkpoint, write_checkpoint
 from llama_jax.data import batches, batches_per_epoch, encoder_for, eval_batches, load_jsonl
 from llama_jax.errors import InputError, exit_code
 from llama_jax.flops import measured_peak_flops, training_flops_per_token
 from llama_jax.loss import next_token_loss
-from llama_jax.model import COMPUTE_DTYPES, param_shapes, param_shardings
+from llama_jax.model import COMPUTE_DTYPES, check_attention, param_shapes, param_shardings
 from llama_jax.run_checkpoints import RunCheckpoints
 from llama_jax.sharding import make_mesh, named_sharding, place
 from llama_jax.training import (OptimizerConfig, TrainState, abstract_state, init_state, learning_rate,
@@ -80,6 +81,8 @@ def parse_args(argv):
     p.add_argument("--mesh", default="fsdp=-1", help="e.g. data=2,fsdp=-1,tensor=2 (-1: remaining devices)")
     p.add_argument("--param-dtype", choices=COMPUTE_DTYPES, default="float32")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
+                   help="cudnn: cuDNN flash attention (a GPU and --compute-dtype bfloat16)")
     p.add_argument("--save-every", type=positive(int), default=100)
     p.add_argument("--eval-every", type=positive(int), help="default: --save-every")
     p.add_argument("--keep", type=positive(int), default=3)
@@ -148,9 +151,9 @@ def place_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {k: place(v, named_sharding(mesh, (None, "batch", "seq")[-v.ndim:], v.shape)) for k, v in batch.items()}
 
 
-def eval_sums(params, batch, *, config, dtype) -> tuple[jax.Array, jax.Array]:
+def eval_sums(params, batch, *, config, dtype, attention) -> tuple[jax.Array, jax.Array]:
     """(summed loss, number of targets) of a batch `[batch, seq]`."""
-    _, aux = next_token_loss(params, batch, config, dtype=dtype)
+    _, aux = next_token_loss(params, batch, config, dtype=dtype, attention=attention)
     return aux["loss_sum"], aux["weight"]
 
 
@@ -196,6 +199,10 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 def run(args) -> int:
+    try:
+        check_attention(args.attention, args.compute_dtype, jax.default_backend())
+    except ValueError as e:
+        raise InputError("--attention", str(e)) from None
     checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
     encoder = encoder_for(checkpoint)
@@ -229,8 +236,10 @@ def run(args) -> int:
             if start:
                 say(f"resuming {run_dir} at step {start}")
             step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
-                                                dtype=compute_dtype, remat=args.remat), donate_argnums=0)
-            eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype))
+                                                dtype=compute_dtype, remat=args.remat, attention=args.attention),
+                              donate_argnums=0)
+            eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype,
+                                                  attention=args.attention))
             peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(compute_dtype)
             flops_per_token = training_flops_per_token(config, args.seq_len)
             data = batches(train_set, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
