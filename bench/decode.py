@@ -23,10 +23,12 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> l
 class OurGenerate:
     """`Engine.generate` with a cache of bucket(prompt) + new_tokens slots, greedy, stop_ids=()."""
 
-    def __init__(self, params, config, *, dtype, batch: int, prompt_len: int, new_tokens: int, seed: int = 0):
+    def __init__(self, params, config, *, dtype, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
+                 attention: str = "xla"):
         self.prompts = random_prompts(config.vocab_size, batch, prompt_len, seed)
         self.new_tokens = new_tokens
-        self.engine = Engine(params, config, max_len=bucket(prompt_len) + new_tokens, cache_dtype=dtype, dtype=dtype)
+        self.engine = Engine(params, config, max_len=bucket(prompt_len) + new_tokens, cache_dtype=dtype, dtype=dtype,
+                             attention=attention)
         start = time.perf_counter()
         warm = self.engine.generate(self.prompts, max_new_tokens=min(2, new_tokens), stop_ids=())
         self.compile_s = warm.compile_s  # both programs (prefill, decode loop) are compiled by this first call

@@ -4,9 +4,12 @@
              (`init_params`): Engine decode tokens/s at batch 1/8/64 (128-token prompts, --new-tokens each) and
              TTFT for 128- and 2048-token prompts, against the HBM roofline (bandwidth of a 4 GiB in-place device
              copy) and the bf16 peak (an 8192^3 matmul)
+             (attention "xla"); TTFT again with attention "cudnn"
   training   Llama-3.2-1B and 3B full fine-tuning steps (float32 params and AdamW, bfloat16 compute) for each
-             --remat policy: tokens/s and MFU; a policy that runs out of memory is reported as such
-  attention  whether jax.nn.dot_product_attention(implementation="cudnn") runs here
+             --remat policy with attention "xla", then with "cudnn" under the faster policy: tokens/s and MFU; a
+             step that runs out of memory is reported as such
+  attention  whether jax.nn.dot_product_attention(implementation="cudnn") runs here, and how far the 8B model's
+             logits with attention "cudnn" are from those with "xla" (KL divergence, max abs difference)
 
 `--dry-run` prints the plan with the byte and FLOP counts (no GPU needed).
 """
@@ -22,14 +25,15 @@ import jax.numpy as jnp
 
 from bench import roofline
 from bench.common import GB, best, interleave, md_table
-from bench.decode import OurGenerate
+from bench.decode import OurGenerate, random_prompts
 from bench.train import OurTrainStep
-from llama_jax import init_params, preset
+from llama_jax import forward, init_params, preset
 
 DECODE_MODEL = "llama3-8b"
 BATCHES = (1, 8, 64)
 PROMPT = 128
 LONG_PROMPT = 2048
+CHECK_PROMPT = 512  # tokens of the cudnn-against-xla logits check
 TRAIN = {"llama3.2-1b": (8, 2048), "llama3.2-3b": (2, 2048)}  # preset: (batch, seq_len); 3B fp32 AdamW needs ~80 GB
 
 
@@ -44,12 +48,12 @@ def plan(args) -> str:
     rows = [[DECODE_MODEL, f"decode batch {b}",
              f"{roofline.decode_bytes_per_step(config, b, context, 'bfloat16') / GB:.2f} GB read/step",
              f"{roofline.decode_flops_per_step(config, b, context) / 1e9:.0f} GFLOP/step"] for b in BATCHES]
-    rows += [[DECODE_MODEL, f"prefill 1 x {n}", "-", f"{roofline.prefill_flops(config, 1, n) / 1e12:.2f} TFLOP"]
-             for n in (PROMPT, LONG_PROMPT)]
+    rows += [[DECODE_MODEL, f"prefill 1 x {n}, attention xla and cudnn", "-",
+              f"{roofline.prefill_flops(config, 1, n) / 1e12:.2f} TFLOP"] for n in (PROMPT, LONG_PROMPT)]
     for name, (batch, seq) in TRAIN.items():
         c = preset(name)
         params = roofline.matmul_params(c) + c.vocab_size * c.hidden_size * (not c.tie_word_embeddings)
-        rows.append([name, f"train {batch} x {seq}, remat {args.remat}",
+        rows.append([name, f"train {batch} x {seq}, remat {args.remat} (xla), then cudnn",
                      f"~{16 * params / GB:.0f} GB params+grads+Adam (fp32)",
                      f"{roofline.train_flops(c, batch, seq) / 1e12:.1f} TFLOP/step"])
     return md_table(["model", "run", "memory", "work"], rows)
@@ -66,7 +70,19 @@ def cudnn_attention() -> str:
         return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def _decode_rows(args, limits, rounds) -> tuple[list[dict], list[dict]]:
+def attention_agreement(params, config) -> dict:
+    """Logits of one CHECK_PROMPT-token prompt with attention "cudnn" against "xla" (bfloat16 compute):
+    KL(xla || cudnn) per position (mean, max) and the max abs logit difference."""
+    tokens = jnp.asarray(random_prompts(config.vocab_size, 1, CHECK_PROMPT, seed=3))
+    run = jax.jit(forward, static_argnames=("config", "dtype", "attention"))
+    xla, cudnn = (run(params, tokens, config, dtype=jnp.bfloat16, attention=a)[0][0] for a in ("xla", "cudnn"))
+    log_p, log_q = jax.nn.log_softmax(xla), jax.nn.log_softmax(cudnn)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return {"prompt_len": CHECK_PROMPT, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "max_abs_logit_diff": float(jnp.abs(xla - cudnn).max()), "finite": bool(jnp.isfinite(cudnn).all())}
+
+
+def _decode_rows(args, limits, rounds, impls) -> tuple[list[dict], list[dict], dict | None]:
     config = preset(DECODE_MODEL)
     dtype = jnp.bfloat16
     log(f"{DECODE_MODEL}: random bfloat16 weights on the device")
@@ -84,39 +100,64 @@ def _decode_rows(args, limits, rounds) -> tuple[list[dict], list[dict]]:
                "limit_tok_s": roofline.decode_limit(config, batch, context, dtype, limits["bandwidth"])}
         decode.append(row)
         if batch == 1:
-            prefill.append(_prefill_row(config, PROMPT, row["ours_ttft_s"], ours.compile_s, limits))
+            prefill.append(_prefill_row(config, PROMPT, "xla", row["ours_ttft_s"], ours.compile_s, limits))
         del ours
         gc.collect()
-    log(f"TTFT, {LONG_PROMPT}-token prompt")
-    ours = OurGenerate(params, config, dtype=dtype, batch=1, prompt_len=LONG_PROMPT, new_tokens=2)
-    runs = interleave({"ours": ours}, rounds)["ours"]
-    prefill.append(_prefill_row(config, LONG_PROMPT, best([r["ttft_s"] for r in runs], higher_is_better=False),
-                                ours.compile_s, limits))
-    del ours, params
+    for prompt_len, attention in [(n, a) for n in (PROMPT, LONG_PROMPT) for a in impls]:
+        if (prompt_len, attention) == (PROMPT, "xla"):
+            continue  # measured with the batch-1 decode above
+        log(f"TTFT, {prompt_len}-token prompt, attention {attention}")
+        try:
+            ours = OurGenerate(params, config, dtype=dtype, batch=1, prompt_len=prompt_len, new_tokens=2,
+                               attention=attention)
+            runs = interleave({"ours": ours}, rounds)["ours"]
+            prefill.append(_prefill_row(config, prompt_len, attention, best([r["ttft_s"] for r in runs],
+                                                                            higher_is_better=False),
+                                        ours.compile_s, limits))
+            del ours
+        except Exception as e:  # noqa: BLE001 - out of memory, an unsupported shape: record and go on
+            prefill.append({"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention,
+                            "error": failure(e)})
+        gc.collect()
+    agreement = None
+    if "cudnn" in impls:
+        log("attention cudnn against xla: logits of one prompt")
+        try:
+            agreement = attention_agreement(params, config)
+        except Exception as e:  # noqa: BLE001 - as above
+            agreement = {"error": failure(e)}
+    del params
     gc.collect()
-    return decode, prefill
+    return decode, prefill, agreement
 
 
-def _prefill_row(config, prompt_len, ttft, compile_s, limits) -> dict:
+def _prefill_row(config, prompt_len, attention, ttft, compile_s, limits) -> dict:
     flops = roofline.prefill_flops(config, 1, prompt_len)
-    return {"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "compile_s": compile_s, "flops": flops,
+    return {"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention,
+            "compile_s": compile_s, "flops": flops,
             "ours_ttft_s": ttft, "ours_prefill_tok_s": prompt_len / ttft,
             "ours_mfu": roofline.mfu(flops, ttft, limits["peak"]["bfloat16"])}
 
 
-def _train_rows(args, limits, steps) -> list[dict]:
+def _train_rows(args, limits, steps, impls) -> list[dict]:
     rows = []
     policies = ["full"] if args.quick else [p.strip() for p in args.remat.split(",") if p.strip()]
     for name, (batch, seq) in TRAIN.items():
         config = preset(name)
         flops = roofline.train_flops(config, batch, seq)
-        for remat in policies:
-            log(f"{name} training step, remat {remat}, {batch} x {seq}")
-            row = {"model": name, "dtype": "bfloat16", "batch": batch, "seq_len": seq, "remat": remat, "flops": flops}
+        for remat, attention in [(r, "xla") for r in policies] + [(None, a) for a in impls if a != "xla"]:
+            if remat is None:  # the other attention under the policy that was fastest with xla
+                done = [r for r in rows if r["model"] == name and "ours_step_s" in r]
+                if not done:
+                    continue
+                remat = min(done, key=lambda r: r["ours_step_s"])["remat"]
+            log(f"{name} training step, remat {remat}, attention {attention}, {batch} x {seq}")
+            row = {"model": name, "dtype": "bfloat16", "batch": batch, "seq_len": seq, "remat": remat,
+                   "attention": attention, "flops": flops}
             try:
                 params = init_params(config, jax.random.key(1), dtype=jnp.float32)
                 ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=batch, seq_len=seq, remat=remat,
-                                    copy_params=False)
+                                    attention=attention, copy_params=False)
                 del params
                 runs = interleave({"ours": ours}, steps)["ours"]
                 step_s = best([r["step_s"] for r in runs], higher_is_better=False)
@@ -124,13 +165,19 @@ def _train_rows(args, limits, steps) -> list[dict]:
                            ours_mfu=roofline.mfu(flops, step_s, limits["peak"]["bfloat16"]), ours_loss=runs[0]["loss"])
                 del ours
             except Exception as e:  # noqa: BLE001 - out of memory and the like: record and go on
-                message = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-                row["error"] = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower() \
-                    else f"{type(e).__name__}: {message}"
-                log(f"  failed: {row['error']}")
+                row["error"] = failure(e)
             rows.append(row)
             gc.collect()
     return rows
+
+
+def failure(e: Exception) -> str:
+    """A failed measurement's one-line reason ("out of memory" or the exception's first line), also logged."""
+    message = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    reason = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower() \
+        else f"{type(e).__name__}: {message}"
+    log(f"  failed: {reason}")
+    return reason
 
 
 def require_gpu() -> None:
@@ -144,10 +191,34 @@ def run(args, limits: dict) -> dict:
     rounds = 2 if args.quick else 3
     out = {"attention": cudnn_attention()}
     log(f"cuDNN attention: {out['attention']}")
-    out["decode"], out["prefill"] = _decode_rows(args, limits, rounds)
-    out["train"] = _train_rows(args, limits, steps=2 if args.quick else 3)
+    impls = ("xla", "cudnn") if out["attention"] == "available" else ("xla",)
+    out["decode"], out["prefill"], agreement = _decode_rows(args, limits, rounds, impls)
+    out["train"] = _train_rows(args, limits, steps=2 if args.quick else 3, impls=impls)
     out["notes"] = [f"jax.nn.dot_product_attention(implementation=\"cudnn\"): {out['attention']}",
                     (f"decode: {DECODE_MODEL} shape with random weights, {PROMPT}-token prompts, "
                     f"{args.new_tokens} new tokens per row, best of {rounds} runs; training: float32 params and "
                     "AdamW, bfloat16 compute, MFU against the measured bf16 peak")]
+    if agreement is not None and "error" in agreement:
+        out["notes"].append(f"{DECODE_MODEL} logits, attention cudnn against xla: failed ({agreement['error']})")
+    elif agreement is not None:
+        out["attention_agreement"] = agreement
+        out["notes"].append(f"{DECODE_MODEL} logits, attention cudnn against xla ({CHECK_PROMPT}-token prompt, "
+                            f"bfloat16): KL mean {agreement['kl_mean']:.2g}, max {agreement['kl_max']:.2g}; max abs "
+                            f"logit difference {agreement['max_abs_logit_diff']:.2g}; finite: {agreement['finite']}")
+    out["notes"] += attention_speedups(out["prefill"], out["train"])
     return out
+
+
+def attention_speedups(prefill: list[dict], train: list[dict]) -> list[str]:
+    """One line per prefill length and per training model: cudnn's time against xla's (same shapes and remat)."""
+    lines = []
+    for n in sorted({r["prompt_len"] for r in prefill}):
+        by = {r["attention"]: r["ours_ttft_s"] for r in prefill if r["prompt_len"] == n and "ours_ttft_s" in r}
+        if {"xla", "cudnn"} <= by.keys():
+            lines.append(f"prefill 1 x {n}: attention cudnn {by['xla'] / by['cudnn']:.2f}x the speed of xla")
+    for r in (r for r in train if r["attention"] == "cudnn" and "ours_step_s" in r):
+        xla = [x for x in train if x["model"] == r["model"] and x["remat"] == r["remat"] and x["attention"] == "xla"]
+        if xla and "ours_step_s" in xla[0]:
+            lines.append(f"training {r['model']} (remat {r['remat']}): attention cudnn "
+                         f"{xla[0]['ours_step_s'] / r['ours_step_s']:.2f}x the speed of xla")
+    return lines

@@ -26,7 +26,7 @@ class OurTrainStep:
     """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute."""
 
     def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
-                 copy_params: bool = True):
+                 attention: str = "xla", copy_params: bool = True):
         optimizer = make_optimizer(OPTIMIZER)
         tokens = token_batch(config.vocab_size, batch, seq_len)
         mask = np.ones_like(tokens, np.float32)
@@ -36,7 +36,8 @@ class OurTrainStep:
         # the step donates the state: train a copy unless the caller hands the params over
         self.state = init_state(jax.tree.map(jnp.copy, params) if copy_params else params, optimizer)
         step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
-                                         schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat),
+                                         schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat,
+                                         attention=attention),
                        donate_argnums=0)
         start = time.perf_counter()
         self.step = step.lower(self.state, self.batch).compile()
