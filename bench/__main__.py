@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--train-seq", type=int, default=256)
     p.add_argument("--remat", default="dots,full", help="gpu: remat policies to try for the training steps")
     p.add_argument("--dry-run", action="store_true", help="gpu: print the plan and the roofline figures only")
+    p.add_argument("--time-budget", type=float, default=480,
+                   help="gpu: seconds after which the remaining measurements are skipped (the device allows 600)")
     return p.parse_args(argv)
 
 
@@ -76,8 +78,12 @@ def main(argv=None) -> int:
     else:
         from bench import gpu
 
+        def save(partial: dict) -> None:  # what the run has measured so far, should it be cut off
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / "results.partial.json").write_text(json.dumps({**results, **partial}, default=str))
+
         results["limits"] = machine.limits(nbytes=4 << 30, repeats=5, peak_size=8192, host=False)
-        results.update(gpu.run(args, results["limits"]))
+        results.update(gpu.run(args, results["limits"], start, save))
     results["machine"]["load_end"] = os.getloadavg()[0]
     results["wall_s"] = time.perf_counter() - start
     text = report.markdown(results)

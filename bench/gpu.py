@@ -11,6 +11,10 @@
   attention  whether jax.nn.dot_product_attention(implementation="cudnn") runs here, and how far the 8B model's
              logits with attention "cudnn" are from those with "xla" (KL divergence, max abs difference)
 
+The measurements after the decode runs are skipped (and reported so) once --time-budget seconds have passed
+since the suite started, and results.partial.json in the output directory holds what was measured so far, so a
+run cut off by the device's 10-minute limit still leaves its numbers.
+
 `--dry-run` prints the plan with the byte and FLOP counts (no GPU needed).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +87,17 @@ def attention_agreement(params, config) -> dict:
             "max_abs_logit_diff": float(jnp.abs(xla - cudnn).max()), "finite": bool(jnp.isfinite(cudnn).all())}
 
 
-def _decode_rows(args, limits, rounds, impls) -> tuple[list[dict], list[dict], dict | None]:
+def _out_of_time(deadline: float) -> bool:
+    if time.perf_counter() < deadline:
+        return False
+    log("  skipped: the time budget is spent")
+    return True
+
+
+SKIPPED = "skipped: --time-budget spent"
+
+
+def _decode_rows(args, limits, rounds, impls, deadline) -> tuple[list[dict], list[dict], dict | None]:
     config = preset(DECODE_MODEL)
     dtype = jnp.bfloat16
     log(f"{DECODE_MODEL}: random bfloat16 weights on the device")
@@ -107,6 +122,10 @@ def _decode_rows(args, limits, rounds, impls) -> tuple[list[dict], list[dict], d
         if (prompt_len, attention) == (PROMPT, "xla"):
             continue  # measured with the batch-1 decode above
         log(f"TTFT, {prompt_len}-token prompt, attention {attention}")
+        if _out_of_time(deadline):
+            prefill.append({"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention,
+                            "error": SKIPPED})
+            continue
         try:
             ours = OurGenerate(params, config, dtype=dtype, batch=1, prompt_len=prompt_len, new_tokens=2,
                                attention=attention)
@@ -122,10 +141,13 @@ def _decode_rows(args, limits, rounds, impls) -> tuple[list[dict], list[dict], d
     agreement = None
     if "cudnn" in impls:
         log("attention cudnn against xla: logits of one prompt")
-        try:
-            agreement = attention_agreement(params, config)
-        except Exception as e:  # noqa: BLE001 - as above
-            agreement = {"error": failure(e)}
+        if _out_of_time(deadline):
+            agreement = {"error": SKIPPED}
+        else:
+            try:
+                agreement = attention_agreement(params, config)
+            except Exception as e:  # noqa: BLE001 - as above
+                agreement = {"error": failure(e)}
     del params
     gc.collect()
     return decode, prefill, agreement
@@ -139,7 +161,7 @@ def _prefill_row(config, prompt_len, attention, ttft, compile_s, limits) -> dict
             "ours_mfu": roofline.mfu(flops, ttft, limits["peak"]["bfloat16"])}
 
 
-def _train_rows(args, limits, steps, impls) -> list[dict]:
+def _train_rows(args, limits, steps, impls, deadline, save: Callable[[list[dict]], None]) -> list[dict]:
     rows = []
     policies = ["full"] if args.quick else [p.strip() for p in args.remat.split(",") if p.strip()]
     for name, (batch, seq) in TRAIN.items():
@@ -154,6 +176,10 @@ def _train_rows(args, limits, steps, impls) -> list[dict]:
             log(f"{name} training step, remat {remat}, attention {attention}, {batch} x {seq}")
             row = {"model": name, "dtype": "bfloat16", "batch": batch, "seq_len": seq, "remat": remat,
                    "attention": attention, "flops": flops}
+            rows.append(row)
+            if _out_of_time(deadline):
+                row["error"] = SKIPPED
+                continue
             try:
                 params = init_params(config, jax.random.key(1), dtype=jnp.float32)
                 ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=batch, seq_len=seq, remat=remat,
@@ -166,7 +192,7 @@ def _train_rows(args, limits, steps, impls) -> list[dict]:
                 del ours
             except Exception as e:  # noqa: BLE001 - out of memory and the like: record and go on
                 row["error"] = failure(e)
-            rows.append(row)
+            save(rows)
             gc.collect()
     return rows
 
@@ -186,20 +212,24 @@ def require_gpu() -> None:
                          "(use --dry-run for the plan)")
 
 
-def run(args, limits: dict) -> dict:
+def run(args, limits: dict, started: float, save: Callable[[dict], None]) -> dict:
+    """The suite; `started`: its time.perf_counter() start (for --time-budget); `save(out)` keeps partial results."""
     require_gpu()
+    deadline = started + args.time_budget
     rounds = 2 if args.quick else 3
     out = {"attention": cudnn_attention()}
     log(f"cuDNN attention: {out['attention']}")
     impls = ("xla", "cudnn") if out["attention"] == "available" else ("xla",)
-    out["decode"], out["prefill"], agreement = _decode_rows(args, limits, rounds, impls)
-    out["train"] = _train_rows(args, limits, steps=2 if args.quick else 3, impls=impls)
+    out["decode"], out["prefill"], agreement = _decode_rows(args, limits, rounds, impls, deadline)
+    save(out)
+    out["train"] = _train_rows(args, limits, 2 if args.quick else 3, impls, deadline,
+                               lambda rows: save({**out, "train": rows}))
     out["notes"] = [f"jax.nn.dot_product_attention(implementation=\"cudnn\"): {out['attention']}",
                     (f"decode: {DECODE_MODEL} shape with random weights, {PROMPT}-token prompts, "
                     f"{args.new_tokens} new tokens per row, best of {rounds} runs; training: float32 params and "
                     "AdamW, bfloat16 compute, MFU against the measured bf16 peak")]
     if agreement is not None and "error" in agreement:
-        out["notes"].append(f"{DECODE_MODEL} logits, attention cudnn against xla: failed ({agreement['error']})")
+        out["notes"].append(f"{DECODE_MODEL} logits, attention cudnn against xla: not measured ({agreement['error']})")
     elif agreement is not None:
         out["attention_agreement"] = agreement
         out["notes"].append(f"{DECODE_MODEL} logits, attention cudnn against xla ({CHECK_PROMPT}-token prompt, "
