@@ -2,9 +2,8 @@
 
   decode     Llama-3-8B shape, bfloat16 weights and KV cache, random normal(0.02) weights made on the device
              (`init_params`): Engine decode tokens/s at batch 1/8/64 (128-token prompts, --new-tokens each) and
-             TTFT for 128- and 2048-token prompts, against the HBM roofline (bandwidth of a 4 GiB in-place device
-             copy) and the bf16 peak (an 8192^3 matmul)
-             (attention "xla"); TTFT again with attention "cudnn"
+             TTFT for 128- and 2048-token prompts with attention "xla" and "cudnn", against the HBM roofline
+             (bandwidth of a 4 GiB in-place device copy) and the bf16 peak (an 8192^3 matmul)
   training   Llama-3.2-1B and 3B full fine-tuning steps (float32 params and AdamW, bfloat16 compute) for each
              --remat policy with attention "xla", then with "cudnn" under the faster policy: tokens/s and MFU; a
              step that runs out of memory is reported as such
