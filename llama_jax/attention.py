@@ -35,17 +35,20 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 QUERY_BLOCK = 256
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, block: int = QUERY_BLOCK
+           ) -> jax.Array:
     """Softmax attention, scores and softmax in float32.
 
     q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`,
     causal as `attention_mask` makes it: query i sees no slot after kv_len - seq + i (the queries are the last
-    tokens written). Query head h reads kv head h // (heads // kv_heads), as in the reference.
+    tokens written); mask None: that causal rule alone. Query head h reads kv head h // (heads // kv_heads), as in the reference.
     Queries go in blocks of `block`, each against only the slots it may see: causal attention over a long
     prompt computes about half the scores, and holds one block's scores at a time.
     Returns `[batch, seq, heads, head_dim]`.
     """
     seq, kv_len = q.shape[1], k.shape[2]
+    if mask is None:
+        mask = (jnp.arange(kv_len)[None, :] <= kv_len - seq + jnp.arange(seq)[:, None])[None]
     blocks = []
     for start in range(0, seq, block):
         stop = min(start + block, seq)
@@ -68,15 +71,16 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
-def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool,
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, causal: bool,
                  implementation: str) -> jax.Array:
     """`attend` through `jax.nn.dot_product_attention` (implementation "cudnn", or its "xla" reference).
 
     Shapes and mask as `attend`. causal: the mask allows nothing above the diagonal of a square seq x kv_len
-    score matrix (a forward without a cache), so a fused kernel may skip those blocks.
+    score matrix (a forward without a cache), so a fused kernel may skip those blocks; with mask None as well it
+    reads no mask at all (cuDNN turns a mask into an additive bias, and computes that bias's gradient).
     """
     k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_len, kv_heads, head_dim]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal,
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], is_causal=causal,
                                         implementation=implementation)
 
 
@@ -101,7 +105,8 @@ class Attention(nn.Module):
                  cache: tuple[jax.Array, jax.Array] | None, layer: jax.Array | int, cache_index: jax.Array | int):
         """Self-attention over `x` and, when given, this layer's cached keys/values.
 
-        x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`.
+        x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`, or None
+        for plain causal attention without a cache.
         cache: None, or every layer's (k, v) `[layers, batch, kv_heads, max_len, head_dim]`; this layer's new keys
         and values are written in place at `[layer, :, :, cache_index : cache_index + seq]` and attention reads
         that layer's max_len slots (kv_len = max_len then, else seq).

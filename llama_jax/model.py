@@ -80,13 +80,14 @@ class Llama(nn.Module):
                            (c.vocab_size, c.hidden_size), self.param_dtype)
         x = constrain(jnp.take(embed, tokens, axis=0).astype(self.dtype), ("batch", "seq", "embed"))
 
-        if cache is None:
-            offset, kv_segments, kv = 0, segment_ids, None
-        else:
-            offset = cache.index
+        offset, kv, mask = 0, None, None  # no cache, one causal sequence per row: no mask array is needed
+        if cache is not None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
+            offset, kv = cache.index, (cache.k, cache.v)
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, offset))
-            kv = (cache.k, cache.v)
-        mask = attention_mask(segment_ids, kv_segments, offset)
+            mask = attention_mask(segment_ids, kv_segments, offset)
+        elif segment_ids is not None:
+            mask = attention_mask(segment_ids, segment_ids, 0)
 
         layer = DecoderLayer
         if self.remat != "none":
@@ -137,8 +138,6 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     Jit it with `config`, `dtype`, `remat`, `last_only` and `attention` static.
     """
     check_attention(attention, dtype)
-    if segment_ids is None:
-        segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)

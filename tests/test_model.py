@@ -248,27 +248,36 @@ def test_fused_attention_layout_equals_attend(offset, kv_len):
 @pytest.fixture
 def cudnn_on_cpu(monkeypatch):
     """jax.nn.dot_product_attention with implementation="cudnn" runs its XLA reference instead (no GPU here);
-    yields the list of the calls' (implementation, is_causal, query seq)."""
+    yields the list of the calls' (implementation, is_causal, query seq, whether a mask was given)."""
     calls, real = [], jax.nn.dot_product_attention
 
-    def stand_in(q, k, v, *args, implementation=None, is_causal=False, **kwargs):
-        calls.append((implementation, is_causal, q.shape[1]))
-        return real(q, k, v, *args, implementation="xla", is_causal=is_causal, **kwargs)
+    def stand_in(q, k, v, *args, implementation=None, is_causal=False, mask=None, **kwargs):
+        calls.append((implementation, is_causal, q.shape[1], mask is not None))
+        return real(q, k, v, *args, implementation="xla", is_causal=is_causal, mask=mask, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
     return calls
 
 
 def test_cudnn_attention_path_matches_xla_in_bf16(cudnn_on_cpu):
-    """attention="cudnn": prefill/training forwards go through the fused call (causal when there is no cache),
-    one-token cached steps do not; logits and loss gradients agree with attention="xla" in bfloat16."""
+    """attention="cudnn": prefill/training forwards go through the fused call (causal when there is no cache,
+    with a mask only for packed or padded rows or a cache), one-token cached steps do not; logits and loss
+    gradients agree with attention="xla" in bfloat16."""
     config, params, ref = load_fixture("gqa")
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     tokens = jnp.asarray(ref["tokens"])
     kw = dict(dtype=jnp.bfloat16)
     assert_close(logits_of(params, tokens, config, attention="cudnn", **kw),
                  logits_of(params, tokens, config, **kw), 0.1)
-    assert set(cudnn_on_cpu) == {("cudnn", True, tokens.shape[1])}  # (nn.scan traces its body more than once)
+    assert set(cudnn_on_cpu) == {("cudnn", True, tokens.shape[1], False)}  # (nn.scan traces its body twice)
+
+    cudnn_on_cpu.clear()
+    seq = tokens.shape[1]
+    packed = dict(segment_ids=jnp.asarray([[1] * 7 + [2] * (seq - 7), [0] * 3 + [1] * (seq - 3)]),
+                  positions=jnp.asarray([list(range(7)) + list(range(seq - 7)), [0] * 3 + list(range(seq - 3))]))
+    assert_close(logits_of(params, tokens, config, attention="cudnn", **packed, **kw)[[0, 0, 1], [2, 9, 8]],
+                 logits_of(params, tokens, config, **packed, **kw)[[0, 0, 1], [2, 9, 8]], 0.1)
+    assert set(cudnn_on_cpu) == {("cudnn", True, seq, True)}
 
     cudnn_on_cpu.clear()
     step = jax.jit(lj.forward, static_argnames=("config", "dtype", "attention"))
@@ -279,7 +288,7 @@ def test_cudnn_attention_path_matches_xla_in_bf16(cudnn_on_cpu):
         decoded, _ = step(params, tokens[:, 8:9], config, cache=cache, attention=attention, **kw)
         expected.append(np.concatenate([prefill, decoded], axis=1))
     assert_close(*expected, 0.1)
-    assert set(cudnn_on_cpu) == {("cudnn", False, 8)}  # the prefill over the cache, not the decode step
+    assert set(cudnn_on_cpu) == {("cudnn", False, 8, True)}  # the prefill over the cache, not the decode step
 
     def loss(p, attention):
         logits, _ = lj.forward(p, tokens, config, attention=attention, **kw)
