@@ -180,20 +180,24 @@ def _train_rows(args, limits, steps, impls, deadline, save: Callable[[list[dict]
                 row["error"] = SKIPPED
                 continue
             try:
-                params = init_params(config, jax.random.key(1), dtype=jnp.float32)
-                ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=batch, seq_len=seq, remat=remat,
-                                    attention=attention, copy_params=False)
-                del params
-                runs = interleave({"ours": ours}, steps)["ours"]
-                step_s = best([r["step_s"] for r in runs], higher_is_better=False)
-                row.update(compile_s=ours.compile_s, runs=runs, ours_step_s=step_s, ours_tok_s=batch * seq / step_s,
-                           ours_mfu=roofline.mfu(flops, step_s, limits["peak"]["bfloat16"]), ours_loss=runs[0]["loss"])
-                del ours
+                row.update(_time_train_step(config, batch, seq, remat, attention, steps))
+                row.update(ours_tok_s=batch * seq / row["ours_step_s"],
+                           ours_mfu=roofline.mfu(flops, row["ours_step_s"], limits["peak"]["bfloat16"]))
             except Exception as e:  # noqa: BLE001 - out of memory and the like: record and go on
                 row["error"] = failure(e)
             save(rows)
             gc.collect()
     return rows
+
+
+def _time_train_step(config, batch: int, seq: int, remat: str, attention: str, steps: int) -> dict:
+    """One OurTrainStep on fresh random params, timed `steps` times. A function of its own, so that the model and
+    optimizer state are freed when it returns or raises (before the next run allocates its own)."""
+    ours = OurTrainStep(init_params(config, jax.random.key(1), dtype=jnp.float32), config, dtype=jnp.bfloat16,
+                        batch=batch, seq_len=seq, remat=remat, attention=attention, copy_params=False)
+    runs = interleave({"ours": ours}, steps)["ours"]
+    return {"compile_s": ours.compile_s, "runs": runs, "ours_loss": runs[0]["loss"],
+            "ours_step_s": best([r["step_s"] for r in runs], higher_is_better=False)}
 
 
 def failure(e: Exception) -> str:
