@@ -21,9 +21,10 @@ def partial_path(destination: Path) -> Path:
 def atomic_directory(destination: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty work directory that replaces `destination` by one rename when the block succeeds.
 
-    An existing destination is an InputError unless `force`, and so is one whose directory cannot be created. On any exception (Ctrl-C included) the work
-    directory is removed; after a kill -9 it is left hidden and the next run clears it. In a multi-process JAX
-    job every process enters the block together; process 0 alone creates, removes and renames.
+    An existing destination is an InputError unless `force`, and so is one whose directory cannot be created. On
+    any exception (Ctrl-C included) the work directory is removed; after a kill -9 it is left hidden and the next
+    run clears it. In a multi-process JAX job every process enters the block together; process 0 alone creates,
+    removes and renames.
     """
     destination = Path(destination).absolute()
     if destination.exists() and not force:

@@ -14,14 +14,18 @@ from llama_jax.weights import project, weight
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def causal_mask(seq: int, kv_len: int, q_offset: jax.Array | int) -> jax.Array:
+    """bool `[seq, kv_len]`: query i (at slot q_offset + i) sees slots 0 .. q_offset + i."""
+    return jnp.arange(kv_len)[None, :] <= q_offset + jnp.arange(seq)[:, None]
+
+
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
     """Which keys each query may see: causal by slot, same segment, and never an empty/padding slot.
 
     q_segments `[batch, seq]`, kv_segments `[batch, kv_len]` (0 = padding/empty), q_offset = slot of query 0.
     Returns bool `[batch, seq, kv_len]`. Segments keep packed examples apart; left padding is segment 0.
     """
-    q_slots = q_offset + jnp.arange(q_segments.shape[1])
-    causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slots[:, None]
+    causal = causal_mask(q_segments.shape[1], kv_segments.shape[1], q_offset)
     same = q_segments[:, :, None] == kv_segments[:, None, :]
     return causal[None] & same & (kv_segments[:, None, :] != 0)
 
@@ -41,14 +45,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, blo
 
     q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`,
     causal as `attention_mask` makes it: query i sees no slot after kv_len - seq + i (the queries are the last
-    tokens written); mask None: that causal rule alone. Query head h reads kv head h // (heads // kv_heads), as in the reference.
-    Queries go in blocks of `block`, each against only the slots it may see: causal attention over a long
+    tokens written); mask None: that causal rule alone. Query head h reads kv head h // (heads // kv_heads), as
+    in the reference. Queries go in blocks of `block`, each against only the slots it may see: causal attention over a long
     prompt computes about half the scores, and holds one block's scores at a time.
     Returns `[batch, seq, heads, head_dim]`.
     """
     seq, kv_len = q.shape[1], k.shape[2]
     if mask is None:
-        mask = (jnp.arange(kv_len)[None, :] <= kv_len - seq + jnp.arange(seq)[:, None])[None]
+        mask = causal_mask(seq, kv_len, kv_len - seq)[None]
     blocks = []
     for start in range(0, seq, block):
         stop = min(start + block, seq)

@@ -63,8 +63,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 def decode_step(params: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
                 dtype=jnp.float32, attention: str = "xla") -> tuple[jax.Array, KVCache]:
     """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache."""
-    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None],
-                            segment_ids=jnp.ones_like(tokens)[:, None], cache=cache, dtype=dtype, attention=attention)
+    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None], cache=cache, dtype=dtype,
+                            attention=attention)
     return logits[:, 0], cache
 
 
