@@ -128,8 +128,9 @@ def run(args, limits: dict) -> dict:
         out["prefill"].append(_prefill_row(config, dtype, 1, 2048, row, ours.compile_s, limits))
         del ours, theirs, peer
         gc.collect()
+    del peer_fp32  # the peer's training steps run in a child process (see bench.train.peer_train_runs)
+    gc.collect()
 
-    # The peer's steps run in a child process (see bench.train.peer_train_runs).
     params = load_params(open_checkpoint(dirs["float32"]))
     steps = max(1, rounds - 1)
     runs, compile_s = {}, {}
@@ -153,8 +154,6 @@ def run(args, limits: dict) -> dict:
             row[f"{who}_loss"] = runs[dtype][who][0]["loss"]
         out["train"].append(row)
         log(f"  {dtype}: ours {row['ours_tok_s']:.0f} tok/s, peer {row['peer_tok_s']:.0f} tok/s")
-    del peer_fp32
-    gc.collect()
 
     for dtype in DTYPES if not quick else ("float32",):
         log(f"profile of a decode step, {dtype}")

@@ -121,21 +121,20 @@ def _decode_rows(args, limits, rounds, impls, deadline) -> tuple[list[dict], lis
         if (prompt_len, attention) == (PROMPT, "xla"):
             continue  # measured with the batch-1 decode above
         log(f"TTFT, {prompt_len}-token prompt, attention {attention}")
+        row = {"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention}
+        prefill.append(row)
         if _out_of_time(deadline):
-            prefill.append({"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention,
-                            "error": SKIPPED})
+            row["error"] = SKIPPED
             continue
         try:
             ours = OurGenerate(params, config, dtype=dtype, batch=1, prompt_len=prompt_len, new_tokens=2,
                                attention=attention)
             runs = interleave({"ours": ours}, rounds)["ours"]
-            prefill.append(_prefill_row(config, prompt_len, attention, best([r["ttft_s"] for r in runs],
-                                                                            higher_is_better=False),
-                                        ours.compile_s, limits))
+            ttft = best([r["ttft_s"] for r in runs], higher_is_better=False)
+            row.update(_prefill_row(config, prompt_len, attention, ttft, ours.compile_s, limits))
             del ours
         except Exception as e:  # noqa: BLE001 - out of memory, an unsupported shape: record and go on
-            prefill.append({"dtype": "bfloat16", "batch": 1, "prompt_len": prompt_len, "attention": attention,
-                            "error": failure(e)})
+            row["error"] = failure(e)
         gc.collect()
     agreement = None
     if "cudnn" in impls:

@@ -137,9 +137,9 @@ def profile_decode(params, config, *, dtype, batch: int = 1, max_len: int = 256,
     index = max_len // 2
     tokens = jnp.arange(1, batch + 1, dtype=jnp.int32)
     positions = jnp.full((batch,), index, jnp.int32)
+
     def filled_cache():  # each stepper donates its own
         return init_cache(c, batch, max_len, dtype)._replace(segment_ids=jnp.ones((batch, max_len), jnp.int32))
-
 
     library_step = jax.jit(functools.partial(decode_step, config=c, dtype=dtype), donate_argnums=1)
     runs = {name: _Stepper(lambda p, cache, i: library_step(p, cache._replace(index=i), tokens, positions),
