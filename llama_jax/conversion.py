@@ -117,9 +117,10 @@ def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force:
 
 
 def cache_home() -> Path:
-    """Where converted default models and compiled programs are kept: $LLAMA_JAX_CACHE or ~/.cache/llama_jax."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax"
-    return Path(os.environ.get("LLAMA_JAX_CACHE", default))
+    """Where converted default models and compiled programs are kept: $LLAMA_JAX_CACHE, else
+    $XDG_CACHE_HOME/llama_jax, else ~/.cache/llama_jax. An empty variable counts as unset (as the XDG spec says)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama_jax"
+    return Path(os.environ.get("LLAMA_JAX_CACHE") or default)
 
 
 def smollm2_checkpoint(root: Path, dtype: str = "float32", announce: Callable[[str], None] = lambda _: None) -> Path:

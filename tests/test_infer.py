@@ -28,6 +28,20 @@ def test_readme_demo_on_a_fresh_cache(tmp_path):
     assert "WARNING" not in first.stderr + second.stderr, "a library warning reached the user"
 
 
+def test_cache_home_ignores_empty_variables(monkeypatch, tmp_path):
+    """An empty $LLAMA_JAX_CACHE or $XDG_CACHE_HOME counts as unset, not as the current directory."""
+    from llama_jax.conversion import cache_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LLAMA_JAX_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_home() == tmp_path / ".cache" / "llama_jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_home() == tmp_path / "xdg" / "llama_jax"
+    monkeypatch.setenv("LLAMA_JAX_CACHE", str(tmp_path / "mine"))
+    assert cache_home() == tmp_path / "mine"
+
+
 def test_greedy_equals_transformers_generate(smollm2_checkpoint, hf_smollm2_model):
     import torch
 
