@@ -47,7 +47,10 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="gpu: print the plan and the roofline figures only")
     p.add_argument("--time-budget", type=float, default=480,
                    help="gpu: seconds after which the remaining measurements are skipped (the device allows 600)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.time_budget <= 0:
+        p.error("--time-budget must be a positive number of seconds")
+    return args
 
 
 def main(argv=None) -> int:
