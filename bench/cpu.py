@@ -7,6 +7,7 @@ transformers on the same machine, in the same run.
   training    train_step on 4 x 256 tokens, float32 params, float32 and bfloat16 compute; peer: torch
               forward + backward + clip + AdamW (bfloat16: autocast), in a child process
   profile     where a decode step's time goes (bench/profile.py)
+  conversion  python -m convert hf / export on a synthetic checkpoint (bench/convert_bench.py)
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import copy
 import gc
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
 
-from bench import roofline
+from bench import convert_bench, roofline
 from bench.common import best, interleave
 from bench.decode import OurGenerate, PeerGenerate
 from bench.profile import prefill_logits, profile_decode
@@ -174,3 +176,15 @@ def _prefill_row(config, dtype, batch, prompt_len, timings, compile_s, limits) -
         row[f"{who}_prefill_tok_s"] = batch * prompt_len / ttft
         row[f"{who}_mfu"] = roofline.mfu(flops, ttft, limits["peak"][dtype])
     return row
+
+
+def conversion(args, command: str) -> dict:
+    """The converter's GB/s and peak RSS on a synthetic `--convert-preset` checkpoint (bench/convert_bench.py),
+    in `--convert-workdir` or a temporary directory that is removed afterwards."""
+    log(f"converter: a synthetic {args.convert_preset} checkpoint, both directions")
+    if args.convert_workdir is not None:
+        return convert_bench.measure(args.convert_preset, args.convert_workdir, command, log=log,
+                                     disk_test_gb=1.0 if args.quick else 2.0)
+    with tempfile.TemporaryDirectory(prefix="llama_jax_convert_bench_") as workdir:
+        return convert_bench.measure(args.convert_preset, Path(workdir), command, log=log,
+                                     disk_test_gb=1.0 if args.quick else 2.0)

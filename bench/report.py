@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench import convert_bench
 from bench.common import GB, fmt, md_table, pct, ratio
 
 # The CPU targets: SmolLM2-135M float32 batch-1 decode.
@@ -200,6 +201,13 @@ def markdown(results: dict) -> str:
                                                                         profile_table)):
         if results.get(key):
             lines += ["", f"{title}:", "", table(results[key])]
+    if results.get("conversion"):
+        c = results["conversion"]
+        lines += ["", (f"Checkpoint conversion (`python -m convert hf` and `export`, each a child process with its "
+                       f"input evicted from the page cache; a synthetic {c['preset']} checkpoint in {c['dtype']}; "
+                       "GB/s = model bytes / wall seconds, against the disk's cold copy measured in this run; peak "
+                       "RSS = the child's VmHWM, against the model and its largest stacked tensor):"), ""]
+        lines += convert_bench.details(c)
     for p in results.get("profile", []):
         lines += ["", (f"Largest data movement per decode step of the Engine's decode loop ({p['dtype']}, batch "
                       f"{p['batch']}; from the optimized HLO):")] + census_lines(p)
