@@ -249,10 +249,14 @@ class Engine:
         compile_s += seconds
         start = time.perf_counter()
         cache, state, chunk = decode(self.params, cache, state, keys, is_stop, limit)
+        reach = 1 + width  # tokens per row the calls made so far can emit: the first, then `width` per call
         while True:  # keep one chunk queued on the device while the host reads the previous one
-            cache, next_state, next_chunk = decode(self.params, cache, state, keys, is_stop, limit)
+            more = reach < max_new_tokens  # else those calls reach the limit: nothing to queue
+            if more:
+                cache, next_state, next_chunk = decode(self.params, cache, state, keys, is_stop, limit)
+                reach += width
             collect(np.asarray(chunk))
-            if int(state.step) >= max_new_tokens or bool(np.all(state.done)):
+            if not more or int(state.step) >= max_new_tokens or bool(np.all(state.done)):
                 break
             state, chunk = next_state, next_chunk
         decode_s = time.perf_counter() - start

@@ -115,6 +115,25 @@ def test_streaming_gives_the_same_tokens_in_chunks(gqa, greedy_engine):
     assert [sum(row, []) for row in zip(*streamed, strict=True)] == tokens_of(whole)
 
 
+
+def test_no_device_call_beyond_the_token_limit(gqa, greedy_engine, monkeypatch):
+    """The decode loop queues a chunk only while the calls already made cannot reach max_new_tokens."""
+    _, _, ref = gqa
+    calls = []
+    compiled = greedy_engine._executable
+
+    def counting(fn, *args, **kwargs):
+        executable, seconds = compiled(fn, *args, **kwargs)
+        return lambda *a: calls.append(fn.__name__) or executable(*a), seconds
+
+    monkeypatch.setattr(greedy_engine, "_executable", counting)
+    prompts = prompts_of(ref, LENGTHS)
+    greedy_engine.generate(prompts, max_new_tokens=6)
+    assert calls == ["_prefill", "_decode"]  # one call runs the whole decode
+    calls.clear()
+    greedy_engine.generate(prompts, max_new_tokens=6, on_tokens=lambda new: None, stream_chunk=2)
+    assert calls == ["_prefill"] + ["_decode"] * 3  # 1 + 2 + 2 + 1 tokens
+
 def test_sampling_reproducible_for_a_seed(gqa, sampled_engine):
     _, _, ref = gqa
     prompts = prompts_of(ref, [6] * 8)
