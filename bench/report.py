@@ -201,6 +201,12 @@ def markdown(results: dict) -> str:
                                                                         profile_table)):
         if results.get(key):
             lines += ["", f"{title}:", "", table(results[key])]
+    for p in results.get("profile", []):
+        lines += ["", (f"Largest data movement per decode step of the Engine's decode loop ({p['dtype']}, batch "
+                      f"{p['batch']}; from the optimized HLO):")] + census_lines(p)
+        if p.get("prefill_logits"):
+            lines.append(f"  - prefill of a 2048-token prompt computes logits {', '.join(p['prefill_logits'])} "
+                         "(only the last row is used)")
     if results.get("conversion"):
         c = results["conversion"]
         lines += ["", (f"Checkpoint conversion (`python -m convert hf` and `export`, each a child process with its "
@@ -208,12 +214,6 @@ def markdown(results: dict) -> str:
                        "GB/s = model bytes / wall seconds, against the disk's cold copy measured in this run; peak "
                        "RSS = the child's VmHWM, against the model and its largest stacked tensor):"), ""]
         lines += convert_bench.details(c)
-    for p in results.get("profile", []):
-        lines += ["", (f"Largest data movement per decode step of the Engine's decode loop ({p['dtype']}, batch "
-                      f"{p['batch']}; from the optimized HLO):")] + census_lines(p)
-        if p.get("prefill_logits"):
-            lines.append(f"  - prefill of a 2048-token prompt computes logits {', '.join(p['prefill_logits'])} "
-                         "(only the last row is used)")
     if results.get("notes"):
         lines.append("")
     for note in results.get("notes", []):
