@@ -12,6 +12,7 @@ transformers on the same machine, in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -182,9 +183,7 @@ def conversion(args, command: str) -> dict:
     """The converter's GB/s and peak RSS on a synthetic `--convert-preset` checkpoint (bench/convert_bench.py),
     in `--convert-workdir` or a temporary directory that is removed afterwards."""
     log(f"converter: a synthetic {args.convert_preset} checkpoint, both directions")
-    if args.convert_workdir is not None:
-        return convert_bench.measure(args.convert_preset, args.convert_workdir, command, log=log,
-                                     disk_test_gb=1.0 if args.quick else 2.0)
-    with tempfile.TemporaryDirectory(prefix="llama_jax_convert_bench_") as workdir:
+    with (tempfile.TemporaryDirectory(prefix="llama_jax_convert_bench_") if args.convert_workdir is None
+          else contextlib.nullcontext(args.convert_workdir)) as workdir:
         return convert_bench.measure(args.convert_preset, Path(workdir), command, log=log,
                                      disk_test_gb=1.0 if args.quick else 2.0)

@@ -161,7 +161,8 @@ def gpu_targets(results: dict) -> list[str]:
             continue
         top = max(done, key=lambda r: r["ours_mfu"])
         lines.append(f"- target, {model} full fine-tuning >= {TARGET_GPU_MFU:.0%} MFU: {top['ours_mfu']:.0%} "
-                     f"(remat {top['remat']}, attention {top['attention']}) — {_mark(top['ours_mfu'] >= TARGET_GPU_MFU)}")
+                     f"(remat {top['remat']}, attention {top['attention']}) — "
+                     f"{_mark(top['ours_mfu'] >= TARGET_GPU_MFU)}")
     return lines
 
 

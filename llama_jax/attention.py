@@ -46,8 +46,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, blo
     q `[batch, seq, heads, head_dim]`, k/v `[batch, kv_heads, kv_len, head_dim]`, mask `[batch, seq, kv_len]`,
     causal as `attention_mask` makes it: query i sees no slot after kv_len - seq + i (the queries are the last
     tokens written); mask None: that causal rule alone. Query head h reads kv head h // (heads // kv_heads), as
-    in the reference. Queries go in blocks of `block`, each against only the slots it may see: causal attention over a long
-    prompt computes about half the scores, and holds one block's scores at a time.
+    in the reference. Queries go in blocks of `block`, each against only the slots it may see: causal attention
+    over a long prompt computes about half the scores, and holds one block's scores at a time.
     Returns `[batch, seq, heads, head_dim]`.
     """
     seq, kv_len = q.shape[1], k.shape[2]

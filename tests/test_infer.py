@@ -116,8 +116,10 @@ def test_chat_injection_stays_text(smollm2_checkpoint, capsys):
     (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
     (["--prompt", "hi", "--max-new-tokens", "100000"], "exceeds the model's context"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "/nonexistent/prompts.txt: cannot read prompts"),
-    (["--prompt", "hi", "--attention", "cudnn"], "cuDNN attention needs a 16-bit compute dtype (bfloat16), not float32"),
-    (["--prompt", "hi", "--attention", "cudnn", "--dtype", "bfloat16"], "cuDNN attention needs a GPU; jax runs on cpu"),
+    (["--prompt", "hi", "--attention", "cudnn"],
+     "cuDNN attention needs a 16-bit compute dtype (bfloat16), not float32"),
+    (["--prompt", "hi", "--attention", "cudnn", "--dtype", "bfloat16"],
+     "cuDNN attention needs a GPU; jax runs on cpu"),
 ])
 def test_bad_requests_are_one_line_errors(smollm2_checkpoint, capsys, args, message):
     code, out, err = run_infer(capsys, smollm2_checkpoint, *args)
