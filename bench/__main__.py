@@ -32,6 +32,7 @@ from pathlib import Path
 from bench import convert_bench, report
 from bench.common import record
 from llama_jax.conversion import cache_home
+from llama_jax.errors import InputError
 from llama_jax.presets import PRESETS
 
 
@@ -60,6 +61,11 @@ def parse_args(argv):
         p.error("--time-budget must be a positive number of seconds")
     if args.convert_preset not in ("none", *PRESETS):
         p.error(f"--convert-preset: unknown preset {args.convert_preset!r} (known: none, {', '.join(PRESETS)})")
+    if args.convert_workdir is not None:  # found out now, not after the inference and training runs
+        try:
+            args.convert_workdir = convert_bench.writable_directory(args.convert_workdir)
+        except InputError as e:
+            p.error(f"--convert-workdir: {e}")
     return args
 
 

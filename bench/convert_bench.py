@@ -4,11 +4,11 @@
 
 Steps, all in one run so the numbers share a machine state:
 
-1. disk: write a `--disk-test-gb` file (fsync'd), read it back cold, copy it cold (read + write + fsync), read it
+1. the source: `--src`, or a synthetic checkpoint of `--preset` made by bench/make_synthetic_hf.py in the workdir.
+2. disk: write a `--disk-test-gb` file (fsync'd), read it back cold, copy it cold (read + write + fsync), read it
    warm (page cache), and one in-memory copy (memcpy bandwidth); again after step 3 (a VM disk varies from minute
    to minute: both are reported, the best is the ceiling). The converter reads and writes every byte once, so
    "cold copy" is the ceiling to compare its GB/s with.
-2. the source: `--src`, or a synthetic checkpoint of `--preset` made by bench/make_synthetic_hf.py in the workdir.
 3. `python -m convert hf SRC WORKDIR/ckpt --force`, then `python -m convert export WORKDIR/ckpt WORKDIR/hf --force`,
    each as a child process. Before each, the input files are fsync'd and evicted from the page cache with
    posix_fadvise(DONTNEED) (per file, no root or global drop_caches needed), so the child reads from the disk
@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 import llama_jax
+from llama_jax.errors import InputError, exit_code
 from llama_jax.hf_mapping import tensor_mappings
+from llama_jax.presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: python bench/convert_bench.py
 from bench.common import record  # noqa: E402
@@ -369,19 +371,17 @@ def report(info: dict) -> str:
 def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None, dtype: str = "bfloat16",
             disk_test_gb: float = 2.0, verify: bool = True, keep: bool = False, max_anon_gb: float | None = None,
             min_available_gb: float = 1.5, log=lambda message: print(message, file=sys.stderr)) -> dict:
-    """Disk limits, both conversions of `src` (default: a synthetic `preset` checkpoint made in `workdir`), the
-    round-trip check, the disk again. Returns the figures `details` and `report` render. What it makes in
-    `workdir` is removed afterwards unless `keep`."""
-    workdir = workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    """The source `src` (default: a synthetic `preset` checkpoint made in `workdir`), the disk's limits, both
+    conversions, the round-trip check, the disk again. Returns the figures `details` and `report` render. What it
+    makes in `workdir` is removed afterwards unless `keep`. A source that is not an HF checkpoint is an InputError
+    before anything is measured."""
+    created = not Path(workdir).exists()
+    workdir = writable_directory(workdir)
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(),
             "filesystem": filesystem(workdir), "versions": versions(), "preset": preset, "command": command,
             "runs": {}, "notes": [], "load": [os.getloadavg()[0]] * 2}
     made = []
     try:
-        log(f"disk bandwidth ({disk_test_gb:g} GB in {workdir})")
-        info["disk"] = disk_bandwidth(workdir, int(disk_test_gb * GB))
-
         if src is None:
             src = workdir / f"hf_src_{preset}"
             log(f"making a synthetic {preset} checkpoint in {src}")
@@ -397,6 +397,9 @@ def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None
         info["sizes"] = sizes(config, source_dtype.itemsize)
         info["source_bytes"] = tree_bytes(src)
         info["source_files"] = len(list(src.glob("*.safetensors")))
+
+        log(f"disk bandwidth ({disk_test_gb:g} GB in {workdir})")
+        info["disk"] = disk_bandwidth(workdir, int(disk_test_gb * GB))
 
         info["baseline"] = run_child([sys.executable, "-c", "import llama_jax.conversion, convert.__main__"])
 
@@ -434,7 +437,21 @@ def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
                 shutil.rmtree(path.parent / f".{path.name}.partial", ignore_errors=True)
+            if created and not any(workdir.iterdir()):  # nor the workdir, when this run made it
+                workdir.rmdir()
     return info
+
+
+def writable_directory(path: Path) -> Path:
+    """`path`, absolute, created if missing; an InputError naming it if it cannot be created or written."""
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(path, f"cannot be created ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(path, "is not writable")
+    return path
 
 
 def succeeded(info: dict) -> bool:
@@ -443,7 +460,7 @@ def succeeded(info: dict) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama3.2-1b")
+    parser.add_argument("--preset", default="llama3.2-1b", choices=PRESETS)
     parser.add_argument("--src", type=Path, help="an existing HF directory (default: make a synthetic one)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llama_jax_convert_bench"))
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
@@ -457,6 +474,10 @@ def main(argv=None) -> int:
                         help="kill a converter when the machine's MemAvailable drops below this (default 1.5)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "bench/convert_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    return exit_code(lambda: run(args, command), interrupted="interrupted")
+
+
+def run(args, command: str) -> int:
     info = measure(args.preset, args.workdir, command, src=args.src, dtype=args.dtype,
                    disk_test_gb=args.disk_test_gb, verify=not args.no_verify, keep=args.keep,
                    max_anon_gb=args.max_anon_gb, min_available_gb=args.min_available_gb)
