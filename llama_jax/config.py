@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,19 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+    def __post_init__(self):
+        _check_positive(self, ("factor", "low_freq_factor", "high_freq_factor"), "a positive number", _is_number,
+                        prefix="rope_scaling.")
+        _check_positive(self, ("original_max_position_embeddings",), "a positive integer", _is_int,
+                        prefix="rope_scaling.")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be greater than "
+                             f"low_freq_factor ({self.low_freq_factor})")
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +57,20 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        """Every field checked, so a bad config is a one-line ValueError here, never a failure deep in JAX."""
+        _check_positive(self, _SIZES, "a positive integer", _is_int)
+        _check_positive(self, ("rms_norm_eps", "rope_theta"), "a positive number", _is_number)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}")
+        tokens = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+        for name, token in [*tokens, *(("eos_token_id", t) for t in self.eos_token_id)]:
+            if token is not None and not (_is_int(token) and 0 <= token < self.vocab_size):
+                raise ValueError(f"{name} must be a token id below vocab_size ({self.vocab_size}), got {token!r}")
 
     @property
     def num_groups(self) -> int:
@@ -76,27 +99,30 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "llama3":
             scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                factor=_float(rope["factor"]),
+                low_freq_factor=_float(rope["low_freq_factor"]),
+                high_freq_factor=_float(rope["high_freq_factor"]),
+                original_max_position_embeddings=rope["original_max_position_embeddings"],
             )
         elif rope_type == "default":
             scaling = None
         else:
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, llama3")
-        heads = hf["num_attention_heads"]
+        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        kv_heads, head_dim = hf.get("num_key_value_heads"), hf.get("head_dim")
+        if head_dim is None and _is_int(hidden) and _is_int(heads) and heads > 0:  # else __post_init__ names heads
+            head_dim = hidden // heads
         eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            num_key_value_heads=heads if kv_heads is None else kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_float(rope_theta),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -141,7 +167,10 @@ class LlamaConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            return cls.from_hf(json.loads(path.read_text()))
+            hf = json.loads(path.read_text())
+            if not isinstance(hf, dict):
+                raise ValueError(f"not a JSON object but {type(hf).__name__}")
+            return cls.from_hf(hf)
         except FileNotFoundError:
             raise InputError(path, "missing config.json") from None
         except json.JSONDecodeError as e:
@@ -153,3 +182,24 @@ class LlamaConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _float(value):
+    """A JSON number as a float; anything else unchanged, for the config's own check to name."""
+    return float(value) if _is_number(value) else value
+
+
+def _check_positive(config, names: tuple[str, ...], kind: str, is_kind, prefix: str = "") -> None:
+    """ValueError naming the first of `names` whose value in `config` is not `kind` (and > 0)."""
+    for name in names:
+        value = getattr(config, name)
+        if not (is_kind(value) and value > 0):
+            raise ValueError(f"{prefix}{name} must be {kind}, got {value!r}")

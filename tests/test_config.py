@@ -72,3 +72,41 @@ def test_errors_name_the_file(tmp_path):
         LlamaConfig.load(tmp_path)
     with pytest.raises(ValueError, match="unknown preset"):
         lj.preset("llama9")
+
+
+BAD_CONFIGS = [  # (change to LLAMA31_LEGACY, what the one-line error says)
+    ({"num_hidden_layers": -3}, "num_hidden_layers must be a positive integer, got -3"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"hidden_size": "4096"}, "hidden_size must be a positive integer, got '4096'"),
+    ({"intermediate_size": 14336.5}, "intermediate_size must be a positive integer, got 14336.5"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": None}, "num_attention_heads must be a positive integer, got None"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"num_key_value_heads": 5}, r"num_attention_heads \(32\) must be a multiple of num_key_value_heads \(5\)"),
+    ({"head_dim": 0}, "head_dim must be a positive integer, got 0"),
+    ({"head_dim": 127}, "head_dim must be even"),
+    ({"hidden_size": 16}, "head_dim must be a positive integer, got 0"),  # 16 // 32 heads
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be a positive number, got -1e-05"),
+    ({"rope_theta": None}, "rope_theta must be a positive number, got None"),
+    ({"rope_scaling": {**LLAMA31_LEGACY["rope_scaling"], "high_freq_factor": 1.0}},
+     r"rope_scaling.high_freq_factor \(1.0\) must be greater than low_freq_factor \(1.0\)"),
+    ({"rope_scaling": {**LLAMA31_LEGACY["rope_scaling"], "factor": 0}},
+     "rope_scaling.factor must be a positive number, got 0"),
+    ({"eos_token_id": [128001, 200000]}, r"eos_token_id must be a token id below vocab_size \(128256\), got 200000"),
+    ({"bos_token_id": -1}, "bos_token_id must be a token id below vocab_size"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_CONFIGS, ids=[str(c) for c, _ in BAD_CONFIGS])
+def test_every_field_is_checked_on_load(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA31_LEGACY, **change}))
+    with pytest.raises(lj.InputError, match=message) as error:
+        LlamaConfig.load(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'}: ") and "\n" not in str(error.value)
+
+
+def test_a_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(lj.InputError, match="config.json: not a JSON object but list"):
+        LlamaConfig.load(tmp_path)

@@ -190,10 +190,14 @@ def _break(tmp_path, how):
     if how == "missing config":
         (src / "config.json").unlink()
         return src, src / "config.json", "missing config.json"
-    if how == "unsupported architecture":
+    bad_configs = {"unsupported architecture": ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
+                   "negative layers": ({"num_hidden_layers": -3}, "num_hidden_layers must be a positive integer"),
+                   "zero vocab": ({"vocab_size": 0}, "vocab_size must be a positive integer")}
+    if how in bad_configs:
+        change, phrase = bad_configs[how]
         config = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
-        return src, src / "config.json", "unsupported architecture"
+        (src / "config.json").write_text(json.dumps({**config, **change}))
+        return src, src / "config.json", phrase
     if how == "missing shard":
         shard.unlink()
         return src, shard, "missing safetensors shard"
@@ -218,8 +222,8 @@ def _break(tmp_path, how):
     return src, src / "model.safetensors" if how == "wrong shape" else src, phrase
 
 
-@pytest.mark.parametrize("how", ["missing config", "unsupported architecture", "missing shard", "truncated shard",
-                                 "corrupt header", "missing tensor", "wrong shape"])
+@pytest.mark.parametrize("how", ["missing config", "unsupported architecture", "negative layers", "zero vocab",
+                                 "missing shard", "truncated shard", "corrupt header", "missing tensor", "wrong shape"])
 def test_bad_hf_input_is_one_clear_line(tmp_path, capsys, how):
     src, named, phrase = _break(tmp_path, how)
     assert run_convert("hf", src, tmp_path / "ckpt") == 2

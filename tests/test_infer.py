@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,16 @@ def test_bad_requests_are_one_line_errors(smollm2_checkpoint, capsys, args, mess
 def test_not_a_checkpoint(tmp_path, capsys):
     code, _, err = run_infer(capsys, tmp_path, "--prompt", "hi")
     assert code == 2 and f"{tmp_path}: not a llama_jax checkpoint" in err
+
+
+def test_a_checkpoint_with_a_bad_config(smollm2_checkpoint, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(smollm2_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "vocab_size": 0}))
+    code, out, err = run_infer(capsys, broken, "--prompt", "hi")
+    assert code == 2 and out == ""
+    assert err == f"error: {broken / 'config.json'}: vocab_size must be a positive integer, got 0\n"
 
 
 def test_prompt_longer_than_context_from_a_file(smollm2_checkpoint, tmp_path, capsys):
