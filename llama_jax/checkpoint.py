@@ -10,9 +10,10 @@
       llama_jax.json          metadata (format version, source, dtype, converter version); written last
 
 A checkpoint is written leaf by leaf and chunk by chunk (Orbax writes the tree metadata, tensorstore the
-arrays in Orbax's layout), so writing needs memory for one stacked tensor; it is restored with Orbax straight
-into sharded arrays: the arrays are stored in chunks of at most 32 MiB, and each device reads only the chunks
-of its own shard.
+arrays in Orbax's layout, see `leaf_store`), so writing needs memory for one stacked tensor; it is restored with
+Orbax straight into sharded arrays: the arrays are stored in chunks of at most 32 MiB, and each device reads only
+the chunks of its own shard. Every chunk is stored (zeros too), and both writing and reading check from a
+listing that none is missing before the params are read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import datetime
 import importlib.metadata
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
-import tensorstore as ts
 from jax.sharding import Mesh
 
 from llama_jax.atomic import atomic_directory
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
 from llama_jax.hf_io import read_chat_template, read_json
+from llama_jax.leaf_store import check_leaves, leaf_directory, write_leaf
 from llama_jax.model import param_logical_names, param_shapes
 from llama_jax.sharding import tree_shardings
 
 FORMAT = "llama_jax"
 FORMAT_VERSION = 1
 METADATA_FILE = "llama_jax.json"
-CHUNK_BYTES = 32 << 20  # storage chunk size: the unit a device reads when restoring its shard, and of writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +87,16 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
                       read_json(directory / "generation_config.json", {}), read_chat_template(directory))
 
 
+def check_params(checkpoint: Checkpoint) -> None:
+    """InputError naming the first leaf that lacks a chunk, found from a listing before any data is read."""
+    check_leaves(checkpoint.directory / "params", param_paths(checkpoint.config),
+                 problem="the checkpoint is incomplete (llama_jax 0.1.0 left out chunks of zeros); convert or "
+                         "train it again")
+
+
 def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None) -> Any:
     """Restore the params as jax arrays (cast to `dtype`, default the stored one), sharded over `mesh` if given."""
+    check_params(checkpoint)
     shapes = param_shapes(checkpoint.config, dtype or checkpoint.dtype)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -99,6 +106,11 @@ def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with _orbax_warnings_off():  # it looks for OCDBT files, which we do not write
         return ocp.load(checkpoint.directory / "params", abstract)
+
+
+def param_paths(config: LlamaConfig) -> list[tuple[str, ...]]:
+    """Every params leaf's path (`("layers", "attn", "q")`, ...)."""
+    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]]
 
 
 @contextlib.contextmanager
@@ -122,43 +134,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-def leaf_directory(params_dir: Path, path: tuple[str, ...]) -> Path:
-    """Where Orbax keeps one leaf (zarr3, no OCDBT): `params/state/<dotted path>`."""
-    return params_dir / "state" / ".".join(path)
-
-
-def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
-    """Storage chunks of at most CHUNK_BYTES: one layer of a stacked leaf, split further along its largest dims."""
-    chunk = [1 if stacked and i == 0 else d for i, d in enumerate(shape)]
-    while math.prod(chunk) * itemsize > CHUNK_BYTES and max(chunk) > 1:
-        largest = chunk.index(max(chunk))
-        chunk[largest] = -(-chunk[largest] // 2)
-    return chunk
-
-
-def _write_leaf(directory: Path, value: np.ndarray, dtype: np.dtype, stacked: bool) -> None:
-    """Write one leaf as a zarr3 array, a slab of chunks at a time (cast slab by slab): no copy of the whole."""
-    chunk = chunk_shape(value.shape, dtype.itemsize, stacked)
-    store = ts.open({
-        **_zarr3(directory),
-        "metadata": {"shape": list(value.shape), "data_type": dtype.name, "fill_value": 0,
-                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
-        "create": True, "delete_existing": True}).result()
-    for start in range(0, value.shape[0], chunk[0]):
-        store[start:start + chunk[0]].write(np.asarray(value[start:start + chunk[0]], dtype)).result()
-
-
-def read_leaf(params_dir: Path, path: tuple[str, ...]) -> ts.TensorStore:
-    """One stored leaf, opened lazily: index it (e.g. `[layer]`) and `.read().result()` to get numpy."""
-    return ts.open({**_zarr3(leaf_directory(params_dir, path)), "open": True}).result()
-
-
-def _zarr3(directory: Path) -> dict:
-    """The tensorstore spec of the zarr3 array in `directory` (how Orbax stores a leaf without OCDBT)."""
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(directory)}}
-
-
 def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Iterable[tuple[tuple[str, ...], Any]], *,
                      dtype, source: str, tokenizer_json: str | None, chat_template: str | None,
                      generation_config: dict, force: bool = False) -> Path:
@@ -172,7 +147,7 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
     """
     dtype = np.dtype(jnp.dtype(dtype))
     shapes = param_shapes(config, dtype)
-    expected = {tuple(k.key for k in path): s.shape for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    expected = dict(zip(param_paths(config), (s.shape for s in jax.tree.leaves(shapes)), strict=True))
     primary = jax.process_index() == 0
     with atomic_directory(destination, force=force) as work:
         params_dir = work / "params"
@@ -184,12 +159,14 @@ def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Itera
             if expected.pop(path, None) != np.shape(value):
                 raise ValueError(f"unexpected params leaf {'/'.join(path)} {np.shape(value)}")
             if primary:
-                _write_leaf(leaf_directory(params_dir, path), value, dtype, stacked=path[0] == "layers")
+                write_leaf(leaf_directory(params_dir, path), value, dtype, stacked=path[0] == "layers")
             del value
             _release_freed_memory()
         if expected:
             raise ValueError(f"params leaves never written: {sorted('/'.join(p) for p in expected)}")
         if primary:
+            check_leaves(params_dir, param_paths(config),
+                         problem="the write did not store it (is the disk full?); the checkpoint was not kept")
             _write_small_files(work, config, dtype, source, tokenizer_json, chat_template, generation_config)
     return Path(destination)
 

@@ -15,11 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.atomic import atomic_directory
-from llama_jax.checkpoint import METADATA_FILE, open_checkpoint, read_leaf, write_checkpoint, write_usage_files
+from llama_jax.checkpoint import (METADATA_FILE, check_params, open_checkpoint, write_checkpoint,
+                                  write_usage_files)
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
 from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
 from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
+from llama_jax.leaf_store import read_leaf
 
 # End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
 END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
@@ -154,6 +156,7 @@ def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_templ
 def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
     """Write a llama_jax checkpoint as a HF `LlamaForCausalLM` directory (sharded safetensors + index)."""
     checkpoint = open_checkpoint(checkpoint_dir)
+    check_params(checkpoint)
     config = checkpoint.config
     dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else checkpoint.dtype)
     mappings = tensor_mappings(config)

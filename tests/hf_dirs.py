@@ -40,6 +40,19 @@ def make_hf_dir(directory: Path, variant: str, *, dtype=np.float32, shards: int 
     return directory
 
 
+def zero_model_hf_dir(directory: Path) -> Path:
+    """The `bias` fixture with every bias zero, v_proj and o_proj zero in every layer (whole leaves of zeros) and
+    down_proj zero in layer 0 only (a leaf with one zero chunk and one that is not)."""
+    make_hf_dir(directory, "bias")
+    tensors = load_file(directory / "model.safetensors")
+    for name, value in tensors.items():
+        if (name.endswith(".bias") or ".v_proj." in name or ".o_proj." in name
+                or name == "model.layers.0.mlp.down_proj.weight"):
+            tensors[name] = np.zeros_like(value)
+    save_file(tensors, directory / "model.safetensors")
+    return directory
+
+
 def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):

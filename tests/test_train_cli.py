@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hf_dirs import make_hf_dir
+from hf_dirs import make_hf_dir, zero_model_hf_dir
 
 from convert.__main__ import main as convert_main
 from llama_jax.checkpoint import load_params, open_checkpoint
@@ -162,6 +162,25 @@ def test_sigterm_saves_and_the_same_command_resumes_with_the_same_losses(baselin
         assert [r.get(key) for r in metrics(out)] == [r.get(key) for r in expected], key
 
 
+def test_zero_leaves_survive_save_resume_and_the_final_checkpoint(data, env, tmp_path):
+    """Attention made dead (v, o and every bias zero): v, o and the q/k/v biases get no gradient, so whole leaves
+    of params and of optimizer moments are zero in every saved step, the resumed state and the final checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    assert convert_main(["hf", str(zero_model_hf_dir(tmp_path / "hf")), str(ckpt)]) == 0
+    (ckpt / "chat_template.jinja").write_text(TEMPLATE)
+    out = tmp_path / "run"
+    args = command(ckpt, data, out, "--mesh", "fsdp=8")
+    stopped = train(args, env, script=SIGTERM_AT_STEP.format(step=3))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    resumed = train(args, env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at step 3" in resumed.stderr and saved_steps(out) == ["4", "6"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6] and losses(out)[-1] < losses(out)[0]
+    attention = load_params(open_checkpoint(out / "final"))["layers"]["attn"]
+    assert sorted(name for name, leaf in attention.items() if not np.asarray(leaf).any()) == [
+        "k_bias", "o", "q_bias", "v", "v_bias"]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, data, env, tmp_path):
     out = tmp_path / "run"
     result = train(command(tiny, data, out, "--mesh", "fsdp=8", "--save-every", "1", "--lr", "1e30"), env)
@@ -184,6 +203,12 @@ def test_bad_arguments_and_inputs_give_one_line_and_exit_2(tiny, data, tmp_path,
              ([str(tiny), "--data", str(data[0]), "--mesh", "data=3"], "--mesh: mesh spec 'data=3' uses 3 devices"),
              ([str(tiny), "--data", str(data[0]), "--attention", "cudnn"],
               "--attention: cuDNN attention needs a GPU; jax runs on cpu here")]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "config.json").write_text(json.dumps({**json.loads((tiny / "config.json").read_text()),
+                                                    "num_hidden_layers": -3}))
+    cases.append(([str(broken), "--data", str(data[0])],
+                  f"{broken / 'config.json'}: num_hidden_layers must be a positive integer, got -3"))
     for args, problem in cases:
         assert train_main([*args, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
