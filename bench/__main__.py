@@ -31,9 +31,9 @@ from pathlib import Path
 
 from bench import convert_bench, report
 from bench.common import record
-from llama_jax.conversion import cache_home
+from llama_jax.checkpoints import cache_home
 from llama_jax.errors import InputError
-from llama_jax.presets import PRESETS
+from llama_jax.model import PRESETS
 
 
 def parse_args(argv):

@@ -19,7 +19,7 @@ on the same weights and inputs, the two interleaved run by run (the torch traini
 one process each framework's training step slows the other's). Each figure is the best of its runs (the
 machine is shared with other jobs; load averages are noted). Decode roofline: tokens/s limit = bandwidth x batch /
 bytes read per step (every matmul weight once + the KV cache up to the mean context); prefill and training MFU =
-model FLOPs (`llama_jax.flops`, causal attention counted as half) / time / measured peak of the compute dtype.
+model FLOPs (`llama_jax.model.flops`, causal attention counted as half) / time / measured peak of the compute dtype.
 The CPU suite also times the converter, as the section above describes, in the same run (entries from
 2026-11-24 08:00 UTC on).
 Newest entry last.

@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 
 import llama_jax
+from llama_jax.checkpoints import tensor_mappings
 from llama_jax.errors import InputError, exit_code
-from llama_jax.hf_mapping import tensor_mappings
-from llama_jax.presets import PRESETS
+from llama_jax.model import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: python bench/convert_bench.py
 from bench.common import record  # noqa: E402
@@ -280,7 +280,7 @@ def sizes(config, itemsize: int) -> dict:
 
 def verify_roundtrip(src: Path, exported: Path) -> str:
     """'bit-exact (N tensors)' if every tensor of `src` is in `exported` with the same dtype, shape and bytes."""
-    from llama_jax.hf_io import HFCheckpoint
+    from llama_jax.checkpoints import HFCheckpoint
 
     a, b = HFCheckpoint(src), HFCheckpoint(exported)
     names = a.names()
@@ -391,7 +391,7 @@ def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None
                             "--dtype", dtype, str(src)], check=True)
         src = src.absolute()
         config = llama_jax.LlamaConfig.load(src)
-        from llama_jax.hf_io import HFCheckpoint
+        from llama_jax.checkpoints import HFCheckpoint
         source_dtype = HFCheckpoint(src).dtype()
         info["dtype"] = source_dtype.name
         info["sizes"] = sizes(config, source_dtype.itemsize)
@@ -401,7 +401,7 @@ def measure(preset: str, workdir: Path, command: str, *, src: Path | None = None
         log(f"disk bandwidth ({disk_test_gb:g} GB in {workdir})")
         info["disk"] = disk_bandwidth(workdir, int(disk_test_gb * GB))
 
-        info["baseline"] = run_child([sys.executable, "-c", "import llama_jax.conversion, convert.__main__"])
+        info["baseline"] = run_child([sys.executable, "-c", "import llama_jax.checkpoints, convert.__main__"])
 
         ckpt, exported = workdir / "ckpt", workdir / "hf_export"
         made += [ckpt, exported]

@@ -28,8 +28,7 @@ from bench.common import best, interleave
 from bench.decode import OurGenerate, PeerGenerate
 from bench.profile import prefill_logits, profile_decode
 from bench.train import OurTrainStep, peer_train_runs
-from llama_jax.checkpoint import load_params, open_checkpoint
-from llama_jax.conversion import smollm2_checkpoint
+from llama_jax.checkpoints import load_params, open_checkpoint, smollm2_checkpoint
 
 DTYPES = ("float32", "bfloat16")
 
@@ -48,7 +47,7 @@ def peer_model():
     import torch
     import transformers
 
-    from llama_jax.gguf_io import smollm2_gguf_path
+    from llama_jax.checkpoints import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from llama_jax.generate import Engine, bucket
+from llama_jax.generation import Engine, bucket
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:

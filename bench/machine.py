@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.flops import measured_peak_flops
+from llama_jax.model import measured_peak_flops
 
 PACKAGES = ("llama_jax", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers")
 

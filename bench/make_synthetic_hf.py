@@ -26,8 +26,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from llama_jax.hf_mapping import tensor_mappings
-from llama_jax.presets import PRESETS, preset
+from llama_jax.checkpoints import tensor_mappings
+from llama_jax.model import PRESETS, preset
 
 INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20

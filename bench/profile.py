@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the library's step against two plain-JAX reference steps on the same weights,
 and the large data-movement ops in the library step's compiled HLO.
 
-    library    llama_jax.generate.decode_step (jitted, cache donated) on the params as the Engine holds them
+    library    llama_jax.generation.decode_step (jitted, cache donated) on the params as the Engine holds them
                (`unstack_layers`: the layers unrolled over per-layer arrays)
     stacked    the same on the stacked params (nn.scan over the layer axis)
     scan       reference: the same math as one lax.scan over the stacked layer params, lm_head contracted against
@@ -25,11 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.roofline import weight_bytes
-from llama_jax.cache import init_cache
-from llama_jax.generate import DecodeState, _decode, _prefill, decode_step
-from llama_jax.model import unstack_layers
-from llama_jax.rope import inverse_frequencies
-from llama_jax.sampling import GREEDY, row_keys
+from llama_jax.generation import GREEDY, DecodeState, decode_loop, decode_step, prefill, row_keys
+from llama_jax.model import init_cache, inverse_frequencies, unstack_layers
 
 F32 = jnp.float32
 
@@ -183,7 +180,7 @@ def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_),
             jax.ShapeDtypeStruct((), jnp.int32))
     static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
-    decode = jax.jit(functools.partial(_decode, **static, width=max_len), donate_argnums=1)
+    decode = jax.jit(functools.partial(decode_loop, **static, width=max_len), donate_argnums=1)
     rows = hlo_census(decode.lower(*args).compile().as_text())
     per = {0: 0, 1: 1, 2: c.num_hidden_layers}
     for row in rows:
@@ -200,8 +197,8 @@ def prefill_logits(params, config, *, dtype, batch: int, prompt_len: int) -> lis
             *(jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32) for _ in range(3)),
             jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
     static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
-    prefill = jax.jit(functools.partial(_prefill, **static), donate_argnums=1)
-    text = prefill.lower(*args).compile().as_text()
+    jitted = jax.jit(functools.partial(prefill, **static), donate_argnums=1)
+    text = jitted.lower(*args).compile().as_text()
     return sorted({f"{m.group(2)}[{m.group(3)}]" for m in map(_INSTRUCTION.match, text.splitlines())
                    if m and m.group(4) == "dot" and str(c.vocab_size) in m.group(3).split(",")})
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
-from llama_jax.flops import forward_flops_per_token, matmul_params, training_flops_per_token
+from llama_jax.model import LlamaConfig, forward_flops_per_token, matmul_params, training_flops_per_token
 
 
 def weight_bytes(config: LlamaConfig, dtype) -> int:

@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from llama_jax.conversion import export_hf, gguf_source, hf_source, to_checkpoint
+from llama_jax.checkpoints import export_hf, gguf_source, hf_source, to_checkpoint
 from llama_jax.errors import exit_code
 
 DTYPES = ("bfloat16", "float16", "float32")

@@ -14,16 +14,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llama_jax.attention import ATTENTION_IMPLS
-from llama_jax.chat import StreamDecoder, chat_messages
-from llama_jax.checkpoint import load_params, open_checkpoint
-from llama_jax.conversion import cache_home, smollm2_checkpoint
-from llama_jax.data import Encoder, encoder_for
+from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.generate import Engine, bucket, enable_compilation_cache
-from llama_jax.model import COMPUTE_DTYPES, check_attention
-from llama_jax.sampling import SamplingParams
-from llama_jax.sharding import make_mesh
+from llama_jax.generation import Engine, SamplingParams, bucket, enable_compilation_cache
+from llama_jax.model import ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, make_mesh
+from llama_jax.text import Encoder, StreamDecoder, chat_messages, encoder_for
 
 
 def parse_args(argv):

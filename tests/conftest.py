@@ -10,8 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from llama_jax.config import LlamaConfig  # noqa: E402
-from llama_jax.hf_mapping import params_from_hf  # noqa: E402
+from llama_jax.checkpoints.hf_mapping import params_from_hf  # noqa: E402
+from llama_jax.model.config import LlamaConfig  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("mha", "gqa", "tied", "bias", "head_dim", "rope_scaling")
@@ -30,7 +30,7 @@ def hf_smollm2_model():
     """transformers' LlamaForCausalLM loaded from the SmolLM2 GGUF (fp32, eval): the real-model reference."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from llama_jax.gguf_io import smollm2_gguf_path
+    from llama_jax.checkpoints.gguf_file import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -41,8 +41,8 @@ def hf_smollm2_model():
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from its GGUF to a float32 llama_jax checkpoint (once per run)."""
-    from llama_jax.conversion import gguf_source, to_checkpoint
-    from llama_jax.gguf_io import smollm2_gguf_path
+    from llama_jax.checkpoints.conversion import gguf_source, to_checkpoint
+    from llama_jax.checkpoints.gguf_file import smollm2_gguf_path
 
     return to_checkpoint(gguf_source(smollm2_gguf_path()), tmp_path_factory.mktemp("smollm2") / "ckpt")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
-from llama_jax.chat import (
+from llama_jax.text.chat import (
     LLAMA3_CHAT_TEMPLATE,
     StreamDecoder,
     chat_messages,

@@ -6,7 +6,7 @@ import pytest
 from conftest import FIXTURES
 
 import llama_jax as lj
-from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model.config import LlamaConfig, RopeScaling
 
 LLAMA31_LEGACY = {  # the shape of Meta's published Llama 3.1 8B config.json (older keys)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "vocab_size": 128256,

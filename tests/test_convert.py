@@ -16,7 +16,7 @@ from hf_dirs import make_hf_dir, read_hf_tensors
 
 import llama_jax as lj
 from convert.__main__ import main as convert_main
-from llama_jax.checkpoint import load_params, open_checkpoint
+from llama_jax.checkpoints.directory import load_params, open_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_existing_destination_needs_force(tmp_path, capsys):
 
 
 def test_ctrl_c_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import llama_jax.conversion as conversion
+    import llama_jax.checkpoints.conversion as conversion
 
     src = make_hf_dir(tmp_path / "hf", "gqa")
     calls = []
@@ -153,7 +153,7 @@ def test_ctrl_c_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 SLOW_CONVERT = """
 import sys, time
-import llama_jax.conversion as conversion
+import llama_jax.checkpoints.conversion as conversion
 original = conversion.load_stacked
 def slow(*args):
     print("leaf", flush=True)

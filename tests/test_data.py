@@ -10,10 +10,10 @@ from hf_dirs import byte_tokenizer_json
 from tokenizers import Tokenizer
 
 import llama_jax as lj
-from llama_jax.checkpoint import FORMAT, FORMAT_VERSION, METADATA_FILE, open_checkpoint
-from llama_jax.data import (Dataset, Encoder, Example, batches, encoder_for, eval_batches, load_jsonl, pack_rows,
-                            row_arrays)
+from llama_jax.checkpoints.directory import FORMAT, FORMAT_VERSION, METADATA_FILE, open_checkpoint
 from llama_jax.errors import InputError
+from llama_jax.text.encoder import Encoder, Example, encoder_for
+from llama_jax.training.data import Dataset, batches, eval_batches, load_jsonl, pack_rows, row_arrays
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},

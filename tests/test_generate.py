@@ -8,8 +8,8 @@ import pytest
 from conftest import VARIANTS, load_fixture
 
 import llama_jax as lj
-from llama_jax.generate import Engine, bucket, decode_step, left_pad
-from llama_jax.sampling import SamplingParams
+from llama_jax.generation.engine import Engine, bucket, decode_step, left_pad
+from llama_jax.generation.sampling import SamplingParams
 
 MAX_LEN = 64
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02)
@@ -129,10 +129,10 @@ def test_no_device_call_beyond_the_token_limit(gqa, greedy_engine, monkeypatch):
     monkeypatch.setattr(greedy_engine, "_executable", counting)
     prompts = prompts_of(ref, LENGTHS)
     greedy_engine.generate(prompts, max_new_tokens=6)
-    assert calls == ["_prefill", "_decode"]  # one call runs the whole decode
+    assert calls == ["prefill", "decode_loop"]  # one call runs the whole decode
     calls.clear()
     greedy_engine.generate(prompts, max_new_tokens=6, on_tokens=lambda new: None, stream_chunk=2)
-    assert calls == ["_prefill"] + ["_decode"] * 3  # 1 + 2 + 2 + 1 tokens
+    assert calls == ["prefill"] + ["decode_loop"] * 3  # 1 + 2 + 2 + 1 tokens
 
 def test_sampling_reproducible_for_a_seed(gqa, sampled_engine):
     _, _, ref = gqa
@@ -188,7 +188,7 @@ def test_compilation_cache_persists_programs(tmp_path):
     import subprocess
     import sys
 
-    program = ("import sys, jax, jax.numpy as jnp; from llama_jax.generate import enable_compilation_cache; "
+    program = ("import sys, jax, jax.numpy as jnp; from llama_jax.generation.engine import enable_compilation_cache; "
                "enable_compilation_cache(sys.argv[1]); jax.jit(lambda x: x * 3 + 1)(jnp.arange(5))")
     subprocess.run([sys.executable, "-c", program, str(tmp_path)], check=True, timeout=120)
     assert any(tmp_path.iterdir())

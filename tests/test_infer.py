@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from infer.__main__ import main as infer_main
-from llama_jax.checkpoint import load_params, open_checkpoint
-from llama_jax.generate import Engine
+from llama_jax.checkpoints.directory import load_params, open_checkpoint
+from llama_jax.generation.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_readme_demo_on_a_fresh_cache(tmp_path):
 
 def test_cache_home_ignores_empty_variables(monkeypatch, tmp_path):
     """An empty $LLAMA_JAX_CACHE or $XDG_CACHE_HOME counts as unset, not as the current directory."""
-    from llama_jax.conversion import cache_home
+    from llama_jax.checkpoints.conversion import cache_home
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("LLAMA_JAX_CACHE", "")

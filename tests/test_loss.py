@@ -7,8 +7,8 @@ import pytest
 from conftest import FIXTURES, load_fixture
 from safetensors.numpy import load_file
 
-from llama_jax.hf_mapping import params_from_hf
-from llama_jax.loss import next_token_loss
+from llama_jax.checkpoints.hf_mapping import params_from_hf
+from llama_jax.training.loss import next_token_loss
 
 
 def batch_of(ref):

@@ -11,8 +11,8 @@ import pytest
 from conftest import VARIANTS, load_fixture
 
 import llama_jax as lj
-from llama_jax.hf_mapping import params_from_hf, params_to_hf
-from llama_jax.sharding import named_sharding, place
+from llama_jax.checkpoints.hf_mapping import params_from_hf, params_to_hf
+from llama_jax.model.sharding import named_sharding, place
 
 FP32_TOL = 1e-4  # max abs logit difference, logits of order 1-10
 
@@ -207,7 +207,7 @@ def test_init_params_places_directly_on_mesh():
 def attention_inputs(offset: int, kv_len: int):
     """Random GQA q `[2, 40, 4, 8]`, k/v `[2, 2, kv_len, 8]`, the mask (row 1 left padded by 7, `offset` cached
     slots before the queries) and which queries are real tokens."""
-    from llama_jax.attention import attention_mask
+    from llama_jax.model.attention import attention_mask
 
     rng = np.random.default_rng(0)
     batch, seq, heads, kv_heads, head_dim = 2, 40, 4, 2, 8
@@ -225,7 +225,7 @@ def attention_inputs(offset: int, kv_len: int):
 @pytest.mark.parametrize("offset", [0, 5])
 def test_blocked_attention_equals_one_block(offset):
     """Query blocks see only the slots they may (causal cut); a left-padded row and a cache offset included."""
-    from llama_jax.attention import attend
+    from llama_jax.model.attention import attend
 
     q, k, v, mask, real = attention_inputs(offset, kv_len=50)
     # a padding query sees nothing: its (unused) output is a mean over what it is shown
@@ -237,7 +237,7 @@ def test_blocked_attention_equals_one_block(offset):
 @pytest.mark.parametrize("offset, kv_len", [(0, 40), (5, 50)])
 def test_fused_attention_layout_equals_attend(offset, kv_len):
     """The cuDNN path's layout, GQA head order and mask, run by jax.nn.dot_product_attention's XLA reference."""
-    from llama_jax.attention import attend, attend_fused
+    from llama_jax.model.attention import attend, attend_fused
 
     q, k, v, mask, real = attention_inputs(offset, kv_len)
     square = offset == 0 and kv_len == q.shape[1]  # no cache: the causal shortcut applies

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import SamplingParams, filter_logits, row_keys, sample, step_keys
+from llama_jax.generation.sampling import SamplingParams, filter_logits, row_keys, sample, step_keys
 
 ROWS, VOCAB = 512, 64  # every row is an independent draw, so one call checks many seeds at once
 

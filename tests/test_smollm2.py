@@ -8,7 +8,7 @@ from hf_dirs import read_hf_tensors
 
 import llama_jax as lj
 from convert.__main__ import main as convert_main
-from llama_jax.checkpoint import load_params, open_checkpoint
+from llama_jax.checkpoints.directory import load_params, open_checkpoint
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

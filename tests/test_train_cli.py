@@ -20,8 +20,8 @@ import pytest
 from hf_dirs import make_hf_dir, zero_model_hf_dir
 
 from convert.__main__ import main as convert_main
-from llama_jax.checkpoint import load_params, open_checkpoint
-from llama_jax.training import OptimizerConfig, learning_rate
+from llama_jax.checkpoints.directory import load_params, open_checkpoint
+from llama_jax.training.step import OptimizerConfig, learning_rate
 from train.__main__ import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]

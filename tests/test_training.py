@@ -9,8 +9,8 @@ import pytest
 from conftest import load_fixture
 
 import llama_jax as lj
-from llama_jax.sharding import named_sharding, place
-from llama_jax.training import (OptimizerConfig, decay_mask, init_state, learning_rate, make_optimizer,
+from llama_jax.model.sharding import named_sharding, place
+from llama_jax.training.step import (OptimizerConfig, decay_mask, init_state, learning_rate, make_optimizer,
                                 train_step)
 
 

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 import llama_jax as lj
 from convert.__main__ import main as convert_main
 from infer.__main__ import main as infer_main
-from llama_jax import leaf_store
-from llama_jax.checkpoint import load_params, open_checkpoint, param_paths, write_checkpoint
-from llama_jax.hf_mapping import params_from_hf
+from llama_jax.checkpoints import leaf_store
+from llama_jax.checkpoints.directory import load_params, open_checkpoint, param_paths, write_checkpoint
+from llama_jax.checkpoints.hf_mapping import params_from_hf
 
 
 def stored_zero_leaves(checkpoint_dir: Path) -> list[str]:
@@ -87,7 +87,7 @@ def drop_a_chunk(write_leaf):
 
 
 def test_a_chunk_missing_after_writing_is_an_error_and_nothing_is_kept(tmp_path, monkeypatch, capsys):
-    import llama_jax.checkpoint as checkpoint_module
+    import llama_jax.checkpoints.directory as checkpoint_module
 
     src = make_hf_dir(tmp_path / "hf", "gqa")
     monkeypatch.setattr(checkpoint_module, "write_leaf", drop_a_chunk(leaf_store.write_leaf))

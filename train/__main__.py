@@ -37,17 +37,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llama_jax.attention import ATTENTION_IMPLS
-from llama_jax.checkpoint import load_params, open_checkpoint, write_checkpoint
-from llama_jax.data import batches, batches_per_epoch, encoder_for, eval_batches, load_jsonl
+from llama_jax.checkpoints import load_params, open_checkpoint, write_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.flops import measured_peak_flops, training_flops_per_token
-from llama_jax.loss import next_token_loss
-from llama_jax.model import COMPUTE_DTYPES, check_attention, param_shapes, param_shardings
-from llama_jax.run_checkpoints import RunCheckpoints
-from llama_jax.sharding import make_mesh, named_sharding, place
-from llama_jax.training import (OptimizerConfig, TrainState, abstract_state, init_state, learning_rate,
-                                make_optimizer, train_step)
+from llama_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, make_mesh, measured_peak_flops,
+                             named_sharding, param_shapes, param_shardings, place, training_flops_per_token)
+from llama_jax.text import encoder_for
+from llama_jax.training import (OptimizerConfig, RunCheckpoints, TrainState, abstract_state, batches, batches_per_epoch,
+                                eval_batches, init_state, learning_rate, load_jsonl, make_optimizer, next_token_loss,
+                                train_step)
 
 
 def positive(kind):

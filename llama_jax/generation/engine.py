@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.cache import CACHE_NAMES, KVCache, init_cache
-from llama_jax.config import LlamaConfig
-from llama_jax.model import check_attention, forward, param_shardings, unstack_layers
-from llama_jax.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
-from llama_jax.sharding import named_sharding
+from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
+from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, forward, init_cache, named_sharding,
+                             param_shardings, unstack_layers)
 
 MIN_BUCKET = 16
 EMPTY = -1  # what a finished row emits on device; never returned
@@ -77,7 +75,7 @@ class DecodeState(NamedTuple):
     step: jax.Array  # tokens emitted so far by each unfinished row
 
 
-def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype, attention):
+def prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype, attention):
     """Prompts `[batch, seq]` into an empty cache; samples each row's first token. -> (cache, DecodeState).
 
     keys: `[batch]` PRNG keys, one stream per row; is_stop: bool `[vocab]`, the stop tokens.
@@ -88,7 +86,7 @@ def _prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, co
     return cache, DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.int32(1))
 
 
-def _decode(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, attention, width):
+def decode_loop(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, attention, width):
     """Up to `width` steps, stopping once state.step reaches `limit` or every row is done.
 
     Returns (cache, state, tokens `[batch, width]` int32): the tokens emitted, EMPTY where a row had already
@@ -239,13 +237,14 @@ class Engine:
 
         args = (self.params, self.empty_cache(batch), *(self._put(a, ("batch", "seq"))
                                                           for a in (tokens, positions, segments)), keys, is_stop)
-        prefill, compile_s = self._executable(_prefill, args, batch)
+        run_prefill, compile_s = self._executable(prefill, args, batch)
         start = time.perf_counter()
-        cache, state = prefill(*args)
+        cache, state = run_prefill(*args)
         collect(np.asarray(state.token)[:, None])
         ttft_s = time.perf_counter() - start
 
-        decode, seconds = self._executable(_decode, (self.params, cache, state, keys, is_stop, limit), batch, width)
+        decode, seconds = self._executable(decode_loop, (self.params, cache, state, keys, is_stop, limit), batch,
+                                           width)
         compile_s += seconds
         start = time.perf_counter()
         cache, state, chunk = decode(self.params, cache, state, keys, is_stop, limit)

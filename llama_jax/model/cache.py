@@ -5,7 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
 
 # Logical axis names of the cache's arrays, for sharding.
 CACHE_NAMES = ("layers", "batch", "kv_heads", "seq", "head_dim")

@@ -1,6 +1,6 @@
 """Named configurations for the real Llama 3.x shapes (as in their published config.json) and tiny test shapes."""
 
-from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model.config import LlamaConfig, RopeScaling
 
 _LLAMA3_TOKENS = dict(vocab_size=128256, bos_token_id=128000, eos_token_id=(128001,))
 _LLAMA31_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -24,13 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.attention import ATTENTION_IMPLS, Attention, attention_mask
-from llama_jax.cache import KVCache
-from llama_jax.config import LlamaConfig
-from llama_jax.mlp import MLP
-from llama_jax.norm import RMSNorm
-from llama_jax.sharding import constrain, tree_shardings
-from llama_jax.weights import INIT
+from llama_jax.model.attention import ATTENTION_IMPLS, Attention, attention_mask
+from llama_jax.model.cache import KVCache
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.mlp import MLP
+from llama_jax.model.norm import RMSNorm
+from llama_jax.model.sharding import constrain, tree_shardings
+from llama_jax.model.weights import INIT
 
 # The compute dtypes the programs offer (`--dtype`); params may be stored in any float dtype.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -133,7 +133,7 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
-    attention:   "xla" (any backend) or "cudnn" (a GPU and a 16-bit dtype; see llama_jax.attention).
+    attention:   "xla" (any backend) or "cudnn" (a GPU and a 16-bit dtype; see llama_jax.model.attention).
     params:      stacked (`layers`, as `init_params` and checkpoints make them) or from `unstack_layers`.
     Jit it with `config`, `dtype`, `remat`, `last_only` and `attention` static.
     """

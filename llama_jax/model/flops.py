@@ -5,7 +5,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
 
 
 def matmul_params(config: LlamaConfig) -> int:

@@ -4,9 +4,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
-from llama_jax.sharding import constrain
-from llama_jax.weights import project, weight
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.sharding import constrain
+from llama_jax.model.weights import project, weight
 
 
 class MLP(nn.Module):

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.config import LlamaConfig
-from llama_jax.loss import next_token_loss
-from llama_jax.model import Remat
+from llama_jax.model import LlamaConfig, Remat
+from llama_jax.training.loss import next_token_loss
 
 Schedule = Literal["cosine", "linear", "constant"]
 

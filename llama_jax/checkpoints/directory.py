@@ -35,13 +35,11 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import Mesh
 
-from llama_jax.atomic import atomic_directory
-from llama_jax.config import LlamaConfig
+from llama_jax.checkpoints.atomic import atomic_directory
+from llama_jax.checkpoints.hf_io import read_chat_template, read_json
+from llama_jax.checkpoints.leaf_store import check_leaves, leaf_directory, write_leaf
 from llama_jax.errors import InputError
-from llama_jax.hf_io import read_chat_template, read_json
-from llama_jax.leaf_store import check_leaves, leaf_directory, write_leaf
-from llama_jax.model import param_logical_names, param_shapes
-from llama_jax.sharding import tree_shardings
+from llama_jax.model import LlamaConfig, param_logical_names, param_shapes, tree_shardings
 
 FORMAT = "llama_jax"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.config import LlamaConfig
+from llama_jax.model import LlamaConfig
 
 Array = np.ndarray
 

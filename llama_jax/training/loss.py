@@ -5,8 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Remat, forward
+from llama_jax.model import LlamaConfig, Remat, forward
 
 
 def next_token_loss(params: Any, batch: dict[str, jax.Array], config: LlamaConfig, *, dtype=jnp.float32,

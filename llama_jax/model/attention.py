@@ -4,11 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.cache import write
-from llama_jax.config import LlamaConfig
-from llama_jax.rope import apply_rope, inverse_frequencies
-from llama_jax.sharding import constrain
-from llama_jax.weights import project, weight
+from llama_jax.model.cache import write
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.rope import apply_rope, inverse_frequencies
+from llama_jax.model.sharding import constrain
+from llama_jax.model.weights import project, weight
 
 # A finite "minus infinity": a row whose keys are all masked (padding) gets a uniform softmax, never NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)

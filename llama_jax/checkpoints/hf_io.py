@@ -11,8 +11,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llama_jax.config import LlamaConfig
 from llama_jax.errors import InputError
+from llama_jax.model import LlamaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -1,0 +1,11 @@
+"""Generation: samplers and the engine (batched prefill, an on-device decode loop over a static KV cache).
+Imports `model` only; a serving engine belongs beside `engine.py`."""
+
+from llama_jax.generation.engine import (Completion, DecodeState, Engine, Generation, bucket, decode_loop, decode_step,
+                                         enable_compilation_cache, left_pad, prefill)
+from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample
+
+__all__ = [
+    "GREEDY", "Completion", "DecodeState", "Engine", "Generation", "SamplingParams", "bucket", "decode_loop",
+    "decode_step", "enable_compilation_cache", "left_pad", "prefill", "row_keys", "sample",
+]
