@@ -103,9 +103,9 @@ def run(args) -> int:
     check_attention(args.attention, dtype, jax.default_backend())
     mesh = make_mesh(args.mesh) if args.mesh else None
     max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)
-    # Not kept: the Engine splits the params per layer into its own arrays, and the stacked ones are freed.
-    engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype), config, max_len=max_len, sampling=sampling,
-                    cache_dtype=dtype, dtype=dtype, mesh=mesh, attention=args.attention)
+    # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
+    engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True), config, max_len=max_len,
+                    sampling=sampling, cache_dtype=dtype, dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1
 
     for first in range(0, len(prompts), args.batch_size):

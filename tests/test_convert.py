@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_fixture
@@ -270,3 +271,23 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
                            capture_output=True, text=True)
     assert quiet.returncode == 0
     assert quiet.stdout.strip() == f"wrote {tmp_path / 'pipe'}" and "%" not in quiet.stderr
+
+
+@pytest.mark.parametrize("mesh_spec", [None, "data=2,fsdp=2,tensor=2"])
+def test_per_layer_restore_is_the_engines_layout_and_is_kept_as_is(tmp_path, mesh_spec):
+    """load_params(per_layer=True) gives exactly unstack_layers(stacked restore), in the same shardings and cast to
+    the asked dtype, and the Engine keeps those very arrays (no second copy of the weights)."""
+    from llama_jax.generation import Engine
+
+    assert run_convert("hf", make_hf_dir(tmp_path / "hf", "bias"), tmp_path / "ckpt") == 0
+    checkpoint = open_checkpoint(tmp_path / "ckpt")
+    mesh = lj.make_mesh(mesh_spec) if mesh_spec else None
+    expected = jax.jit(lj.unstack_layers)(load_params(checkpoint, mesh=mesh, dtype="bfloat16"))
+    per_layer = load_params(checkpoint, mesh=mesh, dtype="bfloat16", per_layer=True)
+    assert jax.tree.structure(per_layer) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(per_layer), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+    engine = Engine(per_layer, checkpoint.config, max_len=32, mesh=mesh, dtype=jnp.bfloat16,
+                    cache_dtype=jnp.bfloat16)
+    assert all(a is b for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(per_layer), strict=True))

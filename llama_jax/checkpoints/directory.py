@@ -37,9 +37,9 @@ from jax.sharding import Mesh
 
 from llama_jax.checkpoints.atomic import atomic_directory
 from llama_jax.checkpoints.hf_io import read_chat_template, read_json
-from llama_jax.checkpoints.leaf_store import check_leaves, leaf_directory, write_leaf
+from llama_jax.checkpoints.leaf_store import check_leaves, leaf_directory, read_leaf, write_leaf
 from llama_jax.errors import InputError
-from llama_jax.model import LlamaConfig, param_logical_names, param_shapes, tree_shardings
+from llama_jax.model import LlamaConfig, named_sharding, param_logical_names, param_shapes, tree_shardings
 
 FORMAT = "llama_jax"
 FORMAT_VERSION = 1
@@ -92,18 +92,54 @@ def check_params(checkpoint: Checkpoint) -> None:
                          "train it again")
 
 
-def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None) -> Any:
-    """Restore the params as jax arrays (cast to `dtype`, default the stored one), sharded over `mesh` if given."""
+def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None, per_layer: bool = False) -> Any:
+    """Restore the params as jax arrays (cast to `dtype`, default the stored one), sharded over `mesh` if given.
+
+    per_layer: restore straight into the tree the Engine runs (`unstack_layers`': `layer_0` .. instead of the stacked
+    `layers`), one layer of one leaf at a time, each device reading only its own shard's slice: memory holds the
+    weights once plus one such slice, never a stacked copy beside the per-layer one.
+    """
     check_params(checkpoint)
-    shapes = param_shapes(checkpoint.config, dtype or checkpoint.dtype)
+    config, dtype = checkpoint.config, np.dtype(jnp.dtype(dtype or checkpoint.dtype))
+    if per_layer:
+        return _load_per_layer(checkpoint.directory / "params", config, mesh, dtype)
+    shapes = param_shapes(config, dtype)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
     else:
-        shardings = tree_shardings(mesh, param_logical_names(checkpoint.config), shapes)
+        shardings = tree_shardings(mesh, param_logical_names(config), shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with _orbax_warnings_off():  # it looks for OCDBT files, which we do not write
         return ocp.load(checkpoint.directory / "params", abstract)
+
+
+def _load_per_layer(params_dir: Path, config: LlamaConfig, mesh: Mesh | None, dtype: np.dtype) -> dict:
+    """The per-layer params tree, read leaf by leaf and layer by layer from the stored (stacked) arrays."""
+    names = jax.tree.leaves(param_logical_names(config), is_leaf=lambda n: isinstance(n, tuple))
+    params: dict = {}
+    for path, leaf_names in zip(param_paths(config), names, strict=True):
+        store = read_leaf(params_dir, path)
+        if path[0] == "layers":  # store[i] is a lazy view of layer i
+            pieces = [((f"layer_{i}", *path[1:]), store[i], leaf_names[1:]) for i in range(config.num_hidden_layers)]
+        else:
+            pieces = [(path, store, leaf_names)]
+        for new_path, stored, axes in pieces:
+            node = params
+            for key in new_path[:-1]:
+                node = node.setdefault(key, {})
+            node[new_path[-1]] = _read_array(stored, axes, mesh, dtype)
+    return params
+
+
+def _read_array(stored, axes: tuple[str | None, ...], mesh: Mesh | None, dtype: np.dtype) -> jax.Array:
+    """A stored (tensorstore) array as a jax array in `dtype`, laid out on `mesh` by its logical `axes`: each device's
+    callback reads only the chunks of its own shard."""
+    shape = tuple(stored.shape)
+    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                else named_sharding(mesh, axes, shape))
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: stored[index].read().result().astype(dtype, copy=False))
 
 
 def param_paths(config: LlamaConfig) -> list[tuple[str, ...]]:

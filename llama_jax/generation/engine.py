@@ -134,8 +134,9 @@ class Generation:
 class Engine:
     """Generates from a batch of prompts with a static KV cache of `max_len` slots per row.
 
-    params:      the model params (stacked), put on the device once (laid out by `param_shardings` on a mesh) and
-                 split per layer (`unstack_layers`): the engine holds its own copy, so the caller may drop theirs.
+    params:      the model params per layer (`load_params(..., per_layer=True)`, or `unstack_layers`' tree), used as
+                 they are when already on the device in `param_shardings(..., unstacked=True)`; or stacked, then put
+                 on the device and split per layer into the engine's own copy (the caller may drop theirs).
     max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
     sampling:    how tokens are picked (compiled in; make another Engine to change it).
     cache_dtype: dtype of the cached keys and values; dtype: compute dtype of the forward.
@@ -149,9 +150,10 @@ class Engine:
         check_attention(attention, dtype)
         self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
         self.cache_dtype, self.dtype, self.attention = cache_dtype, dtype, attention
-        params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh))
+        stacked = "layers" in params
+        params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh, unstacked=not stacked))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            self.params = jax.jit(unstack_layers)(params)
+            self.params = jax.jit(unstack_layers)(params) if stacked else params
         self._executables: dict[Any, Any] = {}
 
     def _sharding(self, names, shape):

@@ -172,20 +172,29 @@ def _boxed_init(config: LlamaConfig, param_dtype):
     return lambda rng: model.init(rng, dummy, dummy, dummy + 1, None)["params"]
 
 
-def param_logical_names(config: LlamaConfig) -> Any:
-    """The params tree with, at each leaf, the tuple of logical axis names of that weight."""
+def param_logical_names(config: LlamaConfig, *, unstacked: bool = False) -> Any:
+    """The params tree with, at each leaf, the tuple of logical axis names of that weight (of the tree
+    `unstack_layers` makes, when `unstacked`)."""
     boxed = jax.eval_shape(_boxed_init(config, jnp.float32), jax.random.key(0))
-    return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
+    names = jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
+    if not unstacked:
+        return names
+    layer = jax.tree.map(lambda n: n[1:], names["layers"], is_leaf=lambda n: isinstance(n, tuple))
+    return {k: v for k, v in names.items() if k != "layers"} | {
+        f"layer_{i}": layer for i in range(config.num_hidden_layers)}
 
 
-def param_shapes(config: LlamaConfig, dtype=jnp.float32) -> Any:
-    """The params tree of `jax.ShapeDtypeStruct`s, computed without allocating anything."""
-    return nn.meta.unbox(jax.eval_shape(_boxed_init(config, dtype), jax.random.key(0)))
+def param_shapes(config: LlamaConfig, dtype=jnp.float32, *, unstacked: bool = False) -> Any:
+    """The params tree of `jax.ShapeDtypeStruct`s (of `unstack_layers`' tree, when `unstacked`), computed without
+    allocating anything."""
+    shapes = nn.meta.unbox(jax.eval_shape(_boxed_init(config, dtype), jax.random.key(0)))
+    return jax.eval_shape(unstack_layers, shapes) if unstacked else shapes
 
 
-def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
+def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh, *, unstacked: bool = False) -> Any:
     """The params tree of `NamedSharding`s on `mesh`, from the logical names and the sharding rules."""
-    return tree_shardings(mesh, param_logical_names(config), param_shapes(config))
+    return tree_shardings(mesh, param_logical_names(config, unstacked=unstacked),
+                          param_shapes(config, unstacked=unstacked))
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None

@@ -1,0 +1,74 @@
+"""Peak memory of `python -m infer` on a checkpoint, against the bytes of its weights.
+
+    python bench/infer_memory.py CKPT [--dtype bfloat16] [--max-new-tokens 4]
+
+Runs, each in a child process whose peak RSS (VmHWM, sampled every 10 ms) is read from /proc:
+  infer    `python -m infer CKPT --prompt ... --max-new-tokens N --dtype D`: params restored per layer, straight into
+           the arrays the Engine runs (one copy of the weights);
+  stacked  what infer did before (`--stacked`): the stacked restore, then the Engine's own per-layer copy. A
+           watchdog ends it when the machine has less than 1 GiB available, so it reports how far it got.
+Prints a markdown table: peak RSS, the weights' bytes in the compute dtype, their ratio, and the KV cache's bytes.
+For a Llama-3-8B shape: `python bench/make_synthetic_hf.py --preset llama3-8b HF`, copy a tokenizer.json into HF,
+`python -m convert hf HF CKPT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bench.convert_bench import run_child
+from llama_jax.checkpoints import open_checkpoint
+from llama_jax.model import param_shapes
+
+PROMPT = "The capital of France is"
+STACKED = """
+import sys, jax.numpy as jnp
+from llama_jax.checkpoints import load_params, open_checkpoint
+from llama_jax.generation import Engine
+checkpoint = open_checkpoint(sys.argv[1])
+dtype = jnp.dtype(sys.argv[2])
+engine = Engine(load_params(checkpoint, dtype=dtype), checkpoint.config, max_len=32, dtype=dtype, cache_dtype=dtype)
+print(engine.generate([[1, 2, 3]], max_new_tokens=int(sys.argv[3])).completions[0].tokens)
+"""
+GIB = 1 << 30
+
+
+def weight_bytes(config, dtype: str) -> int:
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(param_shapes(config, dtype)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--stacked", action="store_true", help="also measure the stacked restore + Engine copy")
+    args = parser.parse_args(argv)
+    config = open_checkpoint(args.checkpoint).config
+    weights = weight_bytes(config, args.dtype)
+    runs = {"infer": [sys.executable, "-m", "infer", str(args.checkpoint), "--prompt", PROMPT,
+                      "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--temperature", "0"]}
+    if args.stacked:
+        runs["stacked"] = [sys.executable, "-c", STACKED, str(args.checkpoint), args.dtype, str(args.max_new_tokens)]
+    print("| run | exit | peak RSS GiB | weights GiB | peak / weights | wall s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, command in runs.items():
+        result = run_child(command, min_available=GIB)
+        status = f"killed: {result['killed']}" if result["killed"] else str(result["rc"])
+        print(f"| {name} | {status} | {result['maxrss'] / GIB:.2f} | {weights / GIB:.2f} | "
+              f"{result['maxrss'] / weights:.3f} | {result['wall']:.0f} |", flush=True)
+        if result["rc"] != 0 and not result["killed"]:
+            print(result["log"][-2000:], file=sys.stderr)
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * jnp.dtype(args.dtype).itemsize
+    print(f"\nKV cache: {kv / (1 << 10):.0f} KiB per token slot; weights {weights:,} bytes ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
