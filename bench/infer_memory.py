@@ -1,6 +1,6 @@
 """Peak memory of `python -m infer` on a checkpoint, against the bytes of its weights.
 
-    python bench/infer_memory.py CKPT [--dtype bfloat16] [--max-new-tokens 4]
+    python -m bench.infer_memory CKPT [--dtype bfloat16] [--max-new-tokens 4]
 
 Runs, each in a child process whose peak RSS (VmHWM, sampled every 10 ms) is read from /proc:
   infer    `python -m infer CKPT --prompt ... --max-new-tokens N --dtype D`: params restored per layer, straight into

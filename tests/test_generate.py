@@ -170,6 +170,26 @@ def test_bf16_cache(gqa):
     assert tokens[:8] == ref["gen_tokens"][:8].tolist()
 
 
+def test_bf16_weights_are_never_converted_all_at_once(monkeypatch):
+    """XLA:CPU converts bfloat16 weights to float32 to multiply them; the engine's programs must do it one weight at a
+    time, not hoist a float32 copy of the whole model out of the decode loop (2x the weights: 32 GB at 8B)."""
+    import llama_jax.generation.engine as engine_module
+
+    config = lj.preset("tiny").replace(hidden_size=256, intermediate_size=1024, head_dim=64, num_hidden_layers=4)
+    params = lj.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
+    engine = Engine(params, config, max_len=64, dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16)
+    prompt = [[1, 2, 3, 4, 5]]
+    tokens = engine.generate(prompt, max_new_tokens=8).completions[0].tokens
+    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.params))
+    temps = {key[0].__name__: compiled.memory_analysis().temp_size_in_bytes
+             for key, compiled in engine._executables.items()}
+    assert temps.keys() == {"prefill", "decode_loop"} and max(temps.values()) < weights / 4, (temps, weights)
+
+    monkeypatch.setattr(engine_module, "CPU_NARROW_WEIGHT_OPTIONS", {})  # XLA's defaults: the same tokens
+    default = Engine(params, config, max_len=64, dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16)
+    assert default.generate(prompt, max_new_tokens=8).completions[0].tokens == tokens
+
+
 @pytest.mark.parametrize("spec", ["data=2,tensor=4", "data=8"])
 def test_sharded_engine_equals_one_device(spec, gqa, greedy_engine, sampled_engine):
     assert jax.device_count() == 8

@@ -31,6 +31,12 @@ from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention,
 
 MIN_BUCKET = 16
 EMPTY = -1  # what a finished row emits on device; never returned
+# XLA:CPU multiplies by a weight narrower than float32 (bfloat16, and soon int8) by converting it to float32 first.
+# Left alone it hoists those conversions out of the decode loop and schedules them all up front: a float32 copy of
+# every weight, twice the bfloat16 weights' bytes (32 GB for an 8B model). These options keep one conversion alive
+# at a time, at the price of converting every step.
+CPU_NARROW_WEIGHT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                             "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def enable_compilation_cache(path: str | Path) -> None:
@@ -155,6 +161,10 @@ class Engine:
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if stacked else params
         self._executables: dict[Any, Any] = {}
+        leaves = jax.tree.leaves(self.params)
+        narrow = any(leaf.dtype.itemsize < 4 for leaf in leaves)
+        on_cpu = all(device.platform == "cpu" for device in leaves[0].devices())
+        self._compiler_options = CPU_NARROW_WEIGHT_OPTIONS if narrow and on_cpu else {}
 
     def _sharding(self, names, shape):
         return None if self.mesh is None else named_sharding(self.mesh, names, shape)
@@ -187,7 +197,7 @@ class Engine:
             static["width"] = width
         jitted = jax.jit(functools.partial(fn, **static), donate_argnums=1, out_shardings=self._layout(batch, width))
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
-            self._executables[key] = jitted.lower(*args).compile()
+            self._executables[key] = jitted.lower(*args).compile(compiler_options=self._compiler_options)
         return self._executables[key], time.perf_counter() - start
 
     def _empty_cache_fn(self, batch: int) -> Callable[[], KVCache]:
