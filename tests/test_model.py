@@ -306,3 +306,34 @@ def test_bad_attention_choice_is_a_clear_error(attention, dtype, message):
     config, params, ref = load_fixture("gqa")
     with pytest.raises(ValueError, match=message):
         lj.forward(params, jnp.asarray(ref["tokens"]), config, attention=attention, dtype=dtype)
+
+
+def test_vocab_logits_in_slices_equal_one_product_and_convert_one_slice_at_a_time(monkeypatch):
+    """A single token with a bfloat16 head: the head is multiplied in slices (XLA:CPU would otherwise convert all of it
+    to float32 at once); the logits are those of one product, and other shapes and dtypes are one product."""
+    from llama_jax.generation.engine import CPU_NARROW_WEIGHT_OPTIONS
+    from llama_jax.model import decoder
+
+    rng = np.random.default_rng(0)
+    x, head = rng.standard_normal((1, 1, 64), np.float32), rng.standard_normal((64, 1000), np.float32)
+    x, head = x.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+    whole = np.einsum("bse,ev->bsv", x.astype(np.float64), head.astype(np.float64))
+    monkeypatch.setattr(decoder, "HEAD_SLICE_BYTES", 64 * 4 * 300)  # slices of 300, 300, 300 and 100
+
+    def products(a, b) -> int:
+        return jax.jit(lambda a, b: decoder.vocab_logits(a, b)).lower(a, b).as_text().count("dot_general")
+    np.testing.assert_allclose(np.asarray(jax.jit(decoder.vocab_logits)(x, head)), whole, rtol=1e-4, atol=1e-4)
+    assert products(x, head) == 4
+    assert products(np.repeat(x, 2, 0), head) == products(np.repeat(x, 3, 1), head) == 1
+    assert products(x.astype(np.float32), head.astype(np.float32)) == 1
+
+    # Compiled only, as the Engine compiles on a CPU: one row against a [2048, 32768] bfloat16 head.
+    row, big_head = jax.ShapeDtypeStruct((1, 1, 2048), jnp.bfloat16), jax.ShapeDtypeStruct((2048, 32768), jnp.bfloat16)
+    head_f32 = 2048 * 32768 * 4
+    temps = {}
+    for slice_bytes in (head_f32 // 8, 1 << 40):
+        monkeypatch.setattr(decoder, "HEAD_SLICE_BYTES", slice_bytes)
+        compiled = jax.jit(lambda a, b: decoder.vocab_logits(a, b)).lower(row, big_head).compile(
+            compiler_options=CPU_NARROW_WEIGHT_OPTIONS)
+        temps[slice_bytes] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[1 << 40] >= head_f32 and temps[head_f32 // 8] < head_f32 / 4, temps
