@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from infer.perplexity import run_perplexity
 from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generation import Engine, SamplingParams, bucket, enable_compilation_cache
@@ -28,6 +29,9 @@ def parse_args(argv):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT")
     source.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    source.add_argument("--perplexity", metavar="FILE", help="the sliding-window perplexity of a UTF-8 text file")
+    p.add_argument("--context", type=int, default=512, help="perplexity window, in tokens")
+    p.add_argument("--stride", type=int, help="perplexity window step (default: --context / 2)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -36,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated (or perplexity windows) together")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4 (default: one device)")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute and KV-cache dtype (default: the checkpoint's)")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
@@ -89,6 +93,9 @@ def run(args) -> int:
     checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
     encoder = encoder_for(checkpoint)
+    if args.perplexity is not None:
+        dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
+        return run_perplexity(args, checkpoint, encoder, dtype, make_mesh(args.mesh) if args.mesh else None)
     tokenizer = encoder.tokenizer
     sampling = sampling_params(args, checkpoint.generation_config)
     prompts = read_prompts(args)

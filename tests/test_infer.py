@@ -146,3 +146,48 @@ def test_prompt_longer_than_context_from_a_file(smollm2_checkpoint, tmp_path, ca
     (tmp_path / "long.txt").write_text("word " * 9000 + "\n")
     code, _, err = run_infer(capsys, smollm2_checkpoint, "--prompts-file", tmp_path / "long.txt")
     assert code == 2 and "exceeds the model's context" in err
+
+
+LICENCE = Path("/usr/share/common-licenses/GPL-3")  # a real English text from Debian's base system
+
+
+def test_perplexity_equals_transformers_on_the_same_windows(smollm2_checkpoint, hf_smollm2_model, tmp_path, capsys):
+    """float32 SmolLM2 on ~2,600 tokens of the GPL: our sliding-window perplexity against transformers' logits on
+    the same windows (context 512, stride 256), within 0.1%."""
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+
+    from llama_jax.generation import sliding_windows
+
+    text = LICENCE.read_text()[:12000]
+    (tmp_path / "text.txt").write_text(text)
+    code, out, err = run_infer(capsys, smollm2_checkpoint, "--perplexity", tmp_path / "text.txt", "--json")
+    assert code == 0, err
+    ours = json.loads(out)
+
+    ids = Tokenizer.from_file(str(open_checkpoint(smollm2_checkpoint).tokenizer_path)).encode(text).ids
+    total, count = 0.0, 0
+    for window in sliding_windows(len(ids), 512, 256):
+        with torch.no_grad():
+            logits = hf_smollm2_model(torch.tensor([ids[window.begin:window.end]])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1).numpy()
+        for t in range(window.first_target, window.end):
+            total -= logp[t - window.begin - 1, ids[t]]
+            count += 1
+    assert ours["tokens"] == count == len(ids) - 1 and len(ids) > 2000
+    reference = np.exp(total / count)
+    assert np.isfinite(ours["nll"]) and abs(ours["perplexity"] / reference - 1) < 1e-3, (ours, reference)
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (b"", [], "the text is empty"),
+    (b"\xff\xfe not utf-8", [], "not UTF-8 text"),
+    (b"a", [], "perplexity needs at least 2"),
+    (b"plenty of words here", ["--context", "100000"], "--context 100000 must be between 2 and the model's context"),
+    (b"plenty of words here", ["--context", "64", "--stride", "65"], "--stride 65 must be between 1 and --context"),
+])
+def test_bad_perplexity_input_is_one_line(smollm2_checkpoint, tmp_path, capsys, content, args, message):
+    (tmp_path / "text.txt").write_bytes(content)
+    code, out, err = run_infer(capsys, smollm2_checkpoint, "--perplexity", tmp_path / "text.txt", *args)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
