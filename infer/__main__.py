@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from infer.perplexity import run_perplexity
 from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.generation import Engine, SamplingParams, bucket, enable_compilation_cache
+from llama_jax.generation import Engine, SamplingParams, cache_length, enable_compilation_cache
 from llama_jax.model import ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, make_mesh
 from llama_jax.text import Encoder, StreamDecoder, chat_messages, encoder_for
 
@@ -109,7 +109,7 @@ def run(args) -> int:
     dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     check_attention(args.attention, dtype, jax.default_backend())
     mesh = make_mesh(args.mesh) if args.mesh else None
-    max_len = min(bucket(longest) + args.max_new_tokens, config.max_position_embeddings)
+    max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
     engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True), config, max_len=max_len,
                     sampling=sampling, cache_dtype=dtype, dtype=dtype, mesh=mesh, attention=args.attention)

@@ -191,3 +191,23 @@ def test_bad_perplexity_input_is_one_line(smollm2_checkpoint, tmp_path, capsys, 
     (tmp_path / "text.txt").write_bytes(content)
     code, out, err = run_infer(capsys, smollm2_checkpoint, "--perplexity", tmp_path / "text.txt", *args)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_nearby_requests_reuse_the_compiled_programs(smollm2_checkpoint, tmp_path):
+    """The cache length is bucketed: a second run with another --max-new-tokens in the same bucket compiles nothing
+    new (the persistent compilation cache gains no entry), and a run past the bucket does."""
+    from llama_jax.generation import cache_length
+
+    assert [cache_length(n, new, 8192) for n, new in ((5, 40), (5, 48), (16, 40), (17, 40), (5, 49), (5, 9000))] == [
+        64, 64, 64, 128, 128, 8192]
+    env = {**os.environ, "LLAMA_JAX_CACHE": str(tmp_path)}
+
+    def entries_after(max_new_tokens: int) -> int:
+        command = [sys.executable, "-m", "infer", str(smollm2_checkpoint), "--prompt", "Hello", "--temperature", "0",
+                   "--max-new-tokens", str(max_new_tokens)]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return len(list((tmp_path / "xla").iterdir()))
+
+    first = entries_after(40)
+    assert first >= 2 and entries_after(48) == first and entries_after(49) > first

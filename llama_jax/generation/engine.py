@@ -50,6 +50,12 @@ def bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
+def cache_length(longest_prompt: int, max_new_tokens: int, limit: int) -> int:
+    """KV-cache slots for prompts of up to `longest_prompt` tokens and `max_new_tokens` more: the bucketed prompt
+    plus the new tokens, rounded up to a power of two (so nearby requests share compiled programs), at most `limit`."""
+    return min(bucket(bucket(longest_prompt) + max_new_tokens), limit)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prompts -> (tokens, positions, segment_ids), each int32 `[batch, length]`, every prompt right-aligned.
 
