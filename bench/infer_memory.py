@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from bench.convert_bench import run_child
 from llama_jax.checkpoints import open_checkpoint
+from llama_jax.errors import exit_code
 from llama_jax.model import param_shapes
 
 PROMPT = "The capital of France is"
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--stacked", action="store_true", help="also measure the stacked restore + Engine copy")
     args = parser.parse_args(argv)
+    return exit_code(lambda: measure(args), interrupted="interrupted")
+
+
+def measure(args) -> int:
     config = open_checkpoint(args.checkpoint).config
     weights = weight_bytes(config, args.dtype)
     runs = {"infer": [sys.executable, "-m", "infer", str(args.checkpoint), "--prompt", PROMPT,
