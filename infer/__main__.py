@@ -93,9 +93,10 @@ def run(args) -> int:
     checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
     encoder = encoder_for(checkpoint)
+    dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
+    mesh = make_mesh(args.mesh) if args.mesh else None
     if args.perplexity is not None:
-        dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
-        return run_perplexity(args, checkpoint, encoder, dtype, make_mesh(args.mesh) if args.mesh else None)
+        return run_perplexity(args, checkpoint, encoder, dtype, mesh)
     tokenizer = encoder.tokenizer
     sampling = sampling_params(args, checkpoint.generation_config)
     prompts = read_prompts(args)
@@ -106,9 +107,7 @@ def run(args) -> int:
                          f"model's context of {config.max_position_embeddings} tokens")
 
     enable_compilation_cache(cache_home() / "xla")
-    dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     check_attention(args.attention, dtype, jax.default_backend())
-    mesh = make_mesh(args.mesh) if args.mesh else None
     max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
     engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True), config, max_len=max_len,

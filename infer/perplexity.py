@@ -1,5 +1,5 @@
 """`python -m infer [CKPT] --perplexity FILE [--context N] [--stride S] [--json]`: the sliding-window perplexity of a
-UTF-8 text file (see llama_jax.generation.perplexity)."""
+UTF-8 text file (see llama_jax.generation.scoring)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from llama_jax.checkpoints import Checkpoint, load_params
@@ -44,7 +43,7 @@ def run_perplexity(args, checkpoint: Checkpoint, encoder: Encoder, dtype, mesh) 
     params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True)
     with tqdm(total=windows, desc="perplexity", unit="window", disable=not sys.stderr.isatty()) as bar:
         result = perplexity(params, ids, config, context=context, stride=stride, batch_size=args.batch_size,
-                            dtype=jnp.dtype(dtype), on_batch=bar.update)
+                            dtype=dtype, on_batch=bar.update)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll}))
     else:
