@@ -69,12 +69,9 @@ def missing_chunks(directory: Path) -> list[str]:
         return ["zarr.json"]
     grid = [range(-(-size // chunk)) for size, chunk in
             zip(metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"], strict=True)]
-    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
-    if encoding["name"] == "v2":
-        separator, prefix = encoding.get("configuration", {}).get("separator", "."), []
-    else:
-        separator, prefix = encoding.get("configuration", {}).get("separator", "/"), ["c"]
-    keys = (separator.join(prefix + [str(i) for i in index]) or "0" for index in itertools.product(*grid))
+    # zarr3's default chunk key encoding, the one we and Orbax write: c/0/1/2
+    separator = metadata.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+    keys = (separator.join(["c", *map(str, index)]) for index in itertools.product(*grid))
     return [key for key in keys if not (directory / key).is_file()]
 
 
