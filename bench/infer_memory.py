@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from bench.convert_bench import run_child
+from bench.roofline import kv_bytes_per_token
 from llama_jax.checkpoints import open_checkpoint
 from llama_jax.errors import exit_code
 from llama_jax.model import param_shapes
@@ -41,6 +41,7 @@ GIB = 1 << 30
 
 
 def weight_bytes(config, dtype: str) -> int:
+    """Bytes of every param in `dtype` (what memory holds; bench.roofline.weight_bytes counts what a step reads)."""
     return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(param_shapes(config, dtype)))
 
 
@@ -70,7 +71,7 @@ def measure(args) -> int:
               f"{result['maxrss'] / weights:.3f} | {result['wall']:.0f} |", flush=True)
         if result["rc"] != 0 and not result["killed"]:
             print(result["log"][-2000:], file=sys.stderr)
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * jnp.dtype(args.dtype).itemsize
+    kv = kv_bytes_per_token(config, args.dtype)
     print(f"\nKV cache: {kv / (1 << 10):.0f} KiB per token slot; weights {weights:,} bytes ({args.dtype})")
     return 0
 
