@@ -114,22 +114,18 @@ def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None,
         return ocp.load(checkpoint.directory / "params", abstract)
 
 
-def _load_per_layer(params_dir: Path, config: LlamaConfig, mesh: Mesh | None, dtype: np.dtype) -> dict:
-    """The per-layer params tree, read leaf by leaf and layer by layer from the stored (stacked) arrays."""
-    names = jax.tree.leaves(param_logical_names(config), is_leaf=lambda n: isinstance(n, tuple))
-    params: dict = {}
-    for path, leaf_names in zip(param_paths(config), names, strict=True):
-        store = read_leaf(params_dir, path)
-        if path[0] == "layers":  # store[i] is a lazy view of layer i
-            pieces = [((f"layer_{i}", *path[1:]), store[i], leaf_names[1:]) for i in range(config.num_hidden_layers)]
-        else:
-            pieces = [(path, store, leaf_names)]
-        for new_path, stored, axes in pieces:
-            node = params
-            for key in new_path[:-1]:
-                node = node.setdefault(key, {})
-            node[new_path[-1]] = _read_array(stored, axes, mesh, dtype)
-    return params
+def _load_per_layer(params_dir: Path, config: LlamaConfig, mesh: Mesh | None, dtype: np.dtype) -> Any:
+    """The per-layer params tree, each array read from its layer of the stored (stacked) leaf."""
+    names = param_logical_names(config, unstacked=True)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(names, is_leaf=lambda n: isinstance(n, tuple))
+    arrays = []
+    for keys, axes in flat:
+        path = tuple(k.key for k in keys)
+        layer = int(path[0].removeprefix("layer_")) if path[0].startswith("layer_") else None
+        stored_path = path if layer is None else ("layers", *path[1:])
+        store = read_leaf(params_dir, stored_path)  # opened lazily: reads only zarr.json
+        arrays.append(_read_array(store if layer is None else store[layer], axes, mesh, dtype))  # store[i]: lazy
+    return jax.tree.unflatten(treedef, arrays)
 
 
 def _read_array(stored, axes: tuple[str | None, ...], mesh: Mesh | None, dtype: np.dtype) -> jax.Array:
