@@ -1,15 +1,20 @@
 """python -m convert: Hugging Face safetensors or GGUF -> llama_jax checkpoint, and checkpoint -> Hugging Face.
 
-    python -m convert hf SRC_DIR DST_DIR [--dtype bfloat16|float16|float32] [--force]
-    python -m convert gguf SRC.gguf DST_DIR [--dtype ...] [--force]
+    python -m convert hf SRC_DIR DST_DIR [--dtype bfloat16|float16|float32] [--quantize int8] [--force]
+    python -m convert gguf SRC.gguf DST_DIR [--dtype ...] [--quantize int8] [--force]
     python -m convert export CKPT_DIR DST_HF_DIR [--dtype ...] [--force]
+
+--quantize int8 stores the weights (embeddings and lm_head too) as int8 with one scale per output channel, about
+half the bytes of bfloat16; norms and biases stay in --dtype. `infer` loads such a checkpoint as it is; `export`
+writes its weights dequantized.
 """
 
 import argparse
 import sys
 
-from llama_jax.checkpoints import export_hf, gguf_source, hf_source, to_checkpoint
+from llama_jax.checkpoints import export_hf, gguf_source, hf_source, open_checkpoint, to_checkpoint
 from llama_jax.errors import exit_code
+from llama_jax.model import QUANTIZATIONS
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -27,15 +32,22 @@ def parse_args(argv):
         command.add_argument("--dtype", choices=DTYPES,
                              help="weights dtype (default: the source's; float32 for GGUF)")
         command.add_argument("--force", action="store_true", help="replace an existing destination")
+        if name != "export":
+            command.add_argument("--quantize", choices=QUANTIZATIONS,
+                                 help="store the weights quantized (int8: symmetric, one scale per output channel)")
     return parser.parse_args(argv)
 
 
 def convert(args) -> int:
     if args.command == "export":
         out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force)
+        quantization = open_checkpoint(args.source).quantization
+        if quantization is not None:
+            print(f"note: {args.source} holds {quantization} weights: {out} has them dequantized (values * scale), "
+                  "not the weights it was quantized from")
     else:
         source = hf_source(args.source) if args.command == "hf" else gguf_source(args.source)
-        out = to_checkpoint(source, args.destination, dtype=args.dtype, force=args.force)
+        out = to_checkpoint(source, args.destination, dtype=args.dtype, force=args.force, quantize=args.quantize)
     print(f"wrote {out}")
     return 0
 

@@ -18,8 +18,11 @@ from infer.perplexity import run_perplexity
 from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generation import Engine, SamplingParams, cache_length, enable_compilation_cache
-from llama_jax.model import ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, make_mesh
+from llama_jax.model import ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, check_quantization, make_mesh
 from llama_jax.text import Encoder, StreamDecoder, chat_messages, encoder_for
+
+
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def parse_args(argv):
@@ -42,7 +45,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated (or perplexity windows) together")
     p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4 (default: one device)")
-    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute and KV-cache dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", metavar="int8",
+                   help="int8: quantize the weights while loading (one layer at a time; about half the bytes of "
+                        "bfloat16). A checkpoint stored as int8 needs no flag")
+    p.add_argument("--kv-cache", metavar="DTYPE",
+                   help=f"KV-cache dtype, one of {', '.join(KV_CACHE_DTYPES)} (default: the compute dtype); int8 keeps "
+                        "a scale per token and head. With --perplexity, windows are scored through this cache")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
                    help="prefill attention: cudnn is cuDNN flash attention (a GPU and --dtype bfloat16)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
@@ -95,6 +104,12 @@ def run(args) -> int:
     encoder = encoder_for(checkpoint)
     dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     mesh = make_mesh(args.mesh) if args.mesh else None
+    if args.kv_cache is not None and args.kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown --kv-cache {args.kv_cache!r}: choose from {', '.join(KV_CACHE_DTYPES)}")
+    if args.quantize is not None:
+        check_quantization(args.quantize)
+        if checkpoint.quantization == args.quantize:
+            print(f"note: {args.checkpoint} is already {args.quantize}: --quantize has nothing to do", file=sys.stderr)
     if args.perplexity is not None:
         return run_perplexity(args, checkpoint, encoder, dtype, mesh)
     tokenizer = encoder.tokenizer
@@ -110,8 +125,9 @@ def run(args) -> int:
     check_attention(args.attention, dtype, jax.default_backend())
     max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
-    engine = Engine(load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True), config, max_len=max_len,
-                    sampling=sampling, cache_dtype=dtype, dtype=dtype, mesh=mesh, attention=args.attention)
+    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize)
+    engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=args.kv_cache or dtype,
+                    dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1
 
     for first in range(0, len(prompts), args.batch_size):

@@ -1,5 +1,5 @@
 """`python -m infer [CKPT] --perplexity FILE [--context N] [--stride S] [--json]`: the sliding-window perplexity of a
-UTF-8 text file (see llama_jax.generation.scoring)."""
+UTF-8 text file (see llama_jax.generation.scoring), with --quantize and --kv-cache as in generation."""
 
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ def run_perplexity(args, checkpoint: Checkpoint, encoder: Encoder, dtype, mesh) 
     if len(ids) < 2:
         raise InputError(args.perplexity, f"{len(ids)} token(s): perplexity needs at least 2")
     windows = len(sliding_windows(len(ids), context, stride))
-    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True)
+    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize)
     with tqdm(total=windows, desc="perplexity", unit="window", disable=not sys.stderr.isatty()) as bar:
         result = perplexity(params, ids, config, context=context, stride=stride, batch_size=args.batch_size,
-                            dtype=dtype, on_batch=bar.update)
+                            dtype=dtype, cache_dtype=args.kv_cache, on_batch=bar.update)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "nll": result.nll}))
     else:

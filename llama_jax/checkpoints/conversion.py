@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -20,8 +21,9 @@ from llama_jax.checkpoints.directory import (METADATA_FILE, check_params, open_c
 from llama_jax.checkpoints.hf_io import HFCheckpoint, write_safetensors_shards
 from llama_jax.checkpoints.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
 from llama_jax.checkpoints.leaf_store import read_leaf
+from llama_jax.checkpoints.quantized import quantize_blocks
 from llama_jax.errors import InputError
-from llama_jax.model import LlamaConfig
+from llama_jax.model import LlamaConfig, check_quantization, input_axes, is_quantized_leaf, param_logical_names
 
 # End-of-turn tokens that also stop generation when the tokenizer has them (Llama 3 Instruct, ChatML).
 END_OF_TURN_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>")
@@ -84,8 +86,11 @@ def progress_bar(total_bytes: int, tensors: int, description: str) -> tqdm:
                 disable=not sys.stdout.isatty(), postfix={"tensors": f"0/{tensors}"})
 
 
-def _leaves(source: Source, dtype: np.dtype, bar: tqdm) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def _leaves(source: Source, dtype: np.dtype, bar: tqdm, quantize: str | None
+            ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """The stored leaves, one HF-sized tensor set at a time (a quantized weight as its values, then its scale)."""
     mappings = tensor_mappings(source.config)
+    names = dict(_flat_names(source.config))
     for done, mapping in enumerate(mappings, start=1):
         try:
             leaf = load_stacked(mapping, source.get, source.config)
@@ -94,8 +99,15 @@ def _leaves(source: Source, dtype: np.dtype, bar: tqdm) -> Iterator[tuple[tuple[
         except ValueError as e:  # a shape that disagrees with the config: name the file holding the tensor
             raise InputError(source.file_of(mapping.hf_names(source.config)[0]), str(e)) from None
         size = leaf.size
-        yield mapping.path, leaf
-        del leaf  # before the next leaf is read: memory holds one at a time
+        if quantize is not None and is_quantized_leaf(mapping.path, names[mapping.path]):
+            values, scale = quantize_blocks(leaf.__getitem__, leaf.shape, input_axes(mapping.path, names[mapping.path]))
+            del leaf
+            yield mapping.path + ("values",), values
+            yield mapping.path + ("scale",), scale
+            del values, scale
+        else:
+            yield mapping.path, leaf
+            del leaf  # before the next leaf is read: memory holds one at a time
         bar.update(size * dtype.itemsize)
         bar.set_postfix(tensors=f"{done}/{len(mappings)}")
 
@@ -104,18 +116,28 @@ def _total_bytes(mappings: list[TensorMapping], config: LlamaConfig, dtype: np.d
     return sum(int(np.prod(m.shape)) * len(m.hf_names(config)) * dtype.itemsize for m in mappings)
 
 
-def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
-    """Write `source` as a llama_jax checkpoint at `destination` (in `dtype`, default the source's)."""
+def _flat_names(config: LlamaConfig) -> Iterator[tuple[tuple[str, ...], tuple]]:
+    """(params path, logical axis names) of every stacked leaf."""
+    flat = jax.tree_util.tree_flatten_with_path(param_logical_names(config), is_leaf=lambda n: isinstance(n, tuple))[0]
+    return ((tuple(k.key for k in path), names) for path, names in flat)
+
+
+def to_checkpoint(source: Source, destination: str | Path, *, dtype=None, force: bool = False,
+                  quantize: str | None = None) -> Path:
+    """Write `source` as a llama_jax checkpoint at `destination` (in `dtype`, default the source's; with `quantize`
+    "int8", the weights as int8 and a scale per output channel, norms and biases in `dtype`)."""
+    if quantize is not None:
+        check_quantization(quantize)
     dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else source.dtype
     if source.tokenizer_json is None:
         print(f"warning: {source.path}: no tokenizer.json; the checkpoint will hold weights and config only",
               file=sys.stderr)
     mappings = tensor_mappings(source.config)
     with progress_bar(_total_bytes(mappings, source.config, dtype), len(mappings), "convert") as bar:
-        return write_checkpoint(destination, source.config, _leaves(source, dtype, bar), dtype=dtype,
+        return write_checkpoint(destination, source.config, _leaves(source, dtype, bar, quantize), dtype=dtype,
                                 source=str(source.path), tokenizer_json=source.tokenizer_json,
                                 chat_template=source.chat_template, generation_config=generation_settings(source),
-                                force=force)
+                                force=force, quantization=quantize)
 
 
 def cache_home() -> Path:
@@ -154,19 +176,29 @@ def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_templ
 
 
 def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
-    """Write a llama_jax checkpoint as a HF `LlamaForCausalLM` directory (sharded safetensors + index)."""
+    """Write a llama_jax checkpoint as a HF `LlamaForCausalLM` directory (sharded safetensors + index). The int8
+    weights of a quantized checkpoint are written dequantized (values * scale) in `dtype`: not the original weights."""
     checkpoint = open_checkpoint(checkpoint_dir)
     check_params(checkpoint)
     config = checkpoint.config
     dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else checkpoint.dtype)
     mappings = tensor_mappings(config)
+    names = dict(_flat_names(config))
+
+    def read(mapping: TensorMapping, layer: int | None) -> np.ndarray:
+        def part(suffix=()):
+            stored = read_leaf(checkpoint.directory / "params", mapping.path + suffix)
+            return (stored if layer is None else stored[layer]).read().result()
+
+        if checkpoint.quantization is not None and is_quantized_leaf(mapping.path, names[mapping.path]):
+            return (part(("values",)).astype(np.float32) * part(("scale",))).astype(dtype)
+        return part().astype(dtype, copy=False)
 
     def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for done, mapping in enumerate(mappings, start=1):
-            stored = read_leaf(checkpoint.directory / "params", mapping.path)
             # Stacked leaves are read layer by layer: memory holds the HF tensors of one leaf, nothing more.
-            leaf = ((stored[i].read().result().astype(dtype, copy=False) for i in range(config.num_hidden_layers))
-                    if mapping.stacked else stored.read().result().astype(dtype, copy=False))
+            leaf = ((read(mapping, i) for i in range(config.num_hidden_layers)) if mapping.stacked
+                    else read(mapping, None))
             tensors = dict(unstack(mapping, leaf, config))
             size = sum(t.nbytes for t in tensors.values())
             yield tensors

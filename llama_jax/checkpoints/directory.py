@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import logging
@@ -38,8 +39,10 @@ from jax.sharding import Mesh
 from llama_jax.checkpoints.atomic import atomic_directory
 from llama_jax.checkpoints.hf_io import read_chat_template, read_json
 from llama_jax.checkpoints.leaf_store import check_leaves, leaf_directory, read_leaf, write_leaf
+from llama_jax.checkpoints.quantized import from_stored, quantize_blocks, stored_shapes, to_stored
 from llama_jax.errors import InputError
-from llama_jax.model import LlamaConfig, named_sharding, param_logical_names, param_shapes, tree_shardings
+from llama_jax.model import (LlamaConfig, QuantArray, check_quantization, input_axes, is_quantized_leaf,
+                             named_sharding, param_logical_names, param_shapes, place, quantize_tree, tree_shardings)
 
 FORMAT = "llama_jax"
 FORMAT_VERSION = 1
@@ -65,6 +68,11 @@ class Checkpoint:
         return jnp.dtype(self.metadata["dtype"])
 
     @property
+    def quantization(self) -> str | None:
+        """"int8" for a checkpoint of int8 weights (`convert --quantize int8`), else None."""
+        return self.metadata.get("quantization")
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
         eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_id))
         return tuple(eos) if isinstance(eos, list) else (eos,)
@@ -87,23 +95,28 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
 
 def check_params(checkpoint: Checkpoint) -> None:
     """InputError naming the first leaf that lacks a chunk, found from a listing before any data is read."""
-    check_leaves(checkpoint.directory / "params", param_paths(checkpoint.config),
+    check_leaves(checkpoint.directory / "params", param_paths(checkpoint.config, checkpoint.quantization),
                  problem="the checkpoint is incomplete (llama_jax 0.1.0 left out chunks of zeros); convert or "
                          "train it again")
 
 
-def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None, per_layer: bool = False) -> Any:
+def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None, per_layer: bool = False,
+                quantize: str | None = None) -> Any:
     """Restore the params as jax arrays (cast to `dtype`, default the stored one), sharded over `mesh` if given.
 
     per_layer: restore straight into the tree the Engine runs (`unstack_layers`': `layer_0` .. instead of the stacked
     `layers`), one layer of one leaf at a time, each device reading only its own shard's slice: memory holds the
     weights once plus one such slice, never a stacked copy beside the per-layer one.
+    quantize:  "int8": the weights as int8 QuantArrays, quantized while loading (per layer: one layer of one leaf at
+    a time, never the float model). A checkpoint stored quantized loads as int8 with or without it.
     """
     check_params(checkpoint)
+    if quantize is not None:
+        check_quantization(quantize)
     config, dtype = checkpoint.config, np.dtype(jnp.dtype(dtype or checkpoint.dtype))
     if per_layer:
-        return _load_per_layer(checkpoint.directory / "params", config, mesh, dtype)
-    shapes = param_shapes(config, dtype)
+        return _load_per_layer(checkpoint, mesh, dtype, quantize)
+    shapes = param_shapes(config, dtype, quantization=checkpoint.quantization)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
@@ -111,21 +124,44 @@ def load_params(checkpoint: Checkpoint, *, mesh: Mesh | None = None, dtype=None,
         shardings = tree_shardings(mesh, param_logical_names(config), shapes)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with _orbax_warnings_off():  # it looks for OCDBT files, which we do not write
-        return ocp.load(checkpoint.directory / "params", abstract)
+        params = from_stored(ocp.load(checkpoint.directory / "params", to_stored(abstract)))
+    if quantize is None or checkpoint.quantization is not None:
+        return params
+    return jax.jit(functools.partial(quantize_tree, logical_names=param_logical_names(config)))(params)
 
 
-def _load_per_layer(params_dir: Path, config: LlamaConfig, mesh: Mesh | None, dtype: np.dtype) -> Any:
+def _load_per_layer(checkpoint: Checkpoint, mesh: Mesh | None, dtype: np.dtype, quantize: str | None) -> Any:
     """The per-layer params tree, each array read from its layer of the stored (stacked) leaf."""
-    names = param_logical_names(config, unstacked=True)
+    names = param_logical_names(checkpoint.config, unstacked=True)
     flat, treedef = jax.tree_util.tree_flatten_with_path(names, is_leaf=lambda n: isinstance(n, tuple))
+    params_dir = checkpoint.directory / "params"
     arrays = []
     for keys, axes in flat:
         path = tuple(k.key for k in keys)
         layer = int(path[0].removeprefix("layer_")) if path[0].startswith("layer_") else None
         stored_path = path if layer is None else ("layers", *path[1:])
-        store = read_leaf(params_dir, stored_path)  # opened lazily: reads only zarr.json
-        arrays.append(_read_array(store if layer is None else store[layer], axes, mesh, dtype))  # store[i]: lazy
+
+        def leaf(suffix=(), layer=layer, stored_path=stored_path):  # opened lazily: reads only zarr.json
+            store = read_leaf(params_dir, stored_path + suffix)
+            return store if layer is None else store[layer]  # store[i] is lazy too
+
+        quantized = is_quantized_leaf(path, axes)
+        if quantized and checkpoint.quantization is not None:
+            arrays.append(QuantArray(_read_array(leaf(("values",)), axes, mesh, np.dtype(np.int8)),
+                                     _read_array(leaf(("scale",)), axes, mesh, np.dtype(np.float32))))
+        elif quantized and quantize is not None:
+            stored = leaf()
+            parts = quantize_blocks(lambda index, stored=stored: stored[index].read().result(), tuple(stored.shape),
+                                    input_axes(path, axes))
+            arrays.append(QuantArray(*(_place(a, axes, mesh) for a in parts)))
+        else:
+            arrays.append(_read_array(leaf(), axes, mesh, dtype))
     return jax.tree.unflatten(treedef, arrays)
+
+
+def _place(host: np.ndarray, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+    """A host array onto the device, or laid out on `mesh` by its logical `axes`."""
+    return jax.device_put(host) if mesh is None else place(host, named_sharding(mesh, axes, host.shape))
 
 
 def _read_array(stored, axes: tuple[str | None, ...], mesh: Mesh | None, dtype: np.dtype) -> jax.Array:
@@ -138,9 +174,9 @@ def _read_array(stored, axes: tuple[str | None, ...], mesh: Mesh | None, dtype: 
         shape, sharding, lambda index: stored[index].read().result().astype(dtype, copy=False))
 
 
-def param_paths(config: LlamaConfig) -> list[tuple[str, ...]]:
-    """Every params leaf's path (`("layers", "attn", "q")`, ...)."""
-    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]]
+def param_paths(config: LlamaConfig, quantization: str | None = None) -> list[tuple[str, ...]]:
+    """Every stored leaf's path (`("layers", "attn", "q")`, ...; `(..., "q", "values")` and `"scale"` when int8)."""
+    return list(stored_shapes(config, jnp.float32, quantization))
 
 
 @contextlib.contextmanager
@@ -166,49 +202,54 @@ def _release_freed_memory() -> None:
 
 def write_checkpoint(destination: str | Path, config: LlamaConfig, leaves: Iterable[tuple[tuple[str, ...], Any]], *,
                      dtype, source: str, tokenizer_json: str | None, chat_template: str | None,
-                     generation_config: dict, force: bool = False) -> Path:
-    """Write a checkpoint atomically from (params path, array) pairs produced one at a time.
+                     generation_config: dict, force: bool = False, quantization: str | None = None) -> Path:
+    """Write a checkpoint atomically from (stored leaf path, array) pairs produced one at a time.
 
     `leaves` must cover the whole params tree of `config`. Orbax writes the tree's metadata (from tiny stand-in
     arrays); each leaf's data is then written by tensorstore straight from the given array, chunk by chunk, in the
     layout Orbax reads (an Orbax save would hold two more copies of the leaf). So peak memory is the largest leaf
     as the caller holds it plus one chunk. In a multi-process JAX job every process calls it with the same
-    leaves; process 0 writes. Returns the destination path.
+    leaves; process 0 writes. Returns the destination path. With `quantization` "int8" the leaves are those of
+    `quantized.stored_shapes` (each quantized weight as `values` and `scale`); floats are stored in `dtype`.
     """
     dtype = np.dtype(jnp.dtype(dtype))
-    shapes = param_shapes(config, dtype)
-    expected = dict(zip(param_paths(config), (s.shape for s in jax.tree.leaves(shapes)), strict=True))
+    expected = stored_shapes(config, dtype, quantization)
+    leaf_dtypes = {path: np.dtype(s.dtype) for path, s in expected.items()}
     primary = jax.process_index() == 0
     with atomic_directory(destination, force=force) as work:
         params_dir = work / "params"
         context = ocp.Context()
         context.array.saving.use_ocdbt = False
         with context, _orbax_warnings_off():
-            ocp.save(params_dir, jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), dtype), shapes))
+            ocp.save(params_dir, to_stored(jax.tree.map(lambda s: np.zeros((1,) * len(s.shape), s.dtype),
+                                                        param_shapes(config, dtype, quantization=quantization))))
         for path, value in leaves:
-            if expected.pop(path, None) != np.shape(value):
+            if getattr(expected.pop(path, None), "shape", None) != np.shape(value):
                 raise ValueError(f"unexpected params leaf {'/'.join(path)} {np.shape(value)}")
             if primary:
-                write_leaf(leaf_directory(params_dir, path), value, dtype, stacked=path[0] == "layers")
+                write_leaf(leaf_directory(params_dir, path), value, leaf_dtypes[path], stacked=path[0] == "layers")
             del value
             _release_freed_memory()
         if expected:
             raise ValueError(f"params leaves never written: {sorted('/'.join(p) for p in expected)}")
         if primary:
-            check_leaves(params_dir, param_paths(config),
+            check_leaves(params_dir, list(leaf_dtypes),
                          problem="the write did not store it (is the disk full?); the checkpoint was not kept")
-            _write_small_files(work, config, dtype, source, tokenizer_json, chat_template, generation_config)
+            _write_small_files(work, config, dtype, source, tokenizer_json, chat_template, generation_config,
+                               quantization)
     return Path(destination)
 
 
 def _write_small_files(work: Path, config: LlamaConfig, dtype: np.dtype, source: str, tokenizer_json: str | None,
-                       chat_template: str | None, generation_config: dict) -> None:
+                       chat_template: str | None, generation_config: dict, quantization: str | None) -> None:
     """Everything but the params; the metadata file last, since it marks the checkpoint complete."""
     config.save(work / "config.json")
     write_usage_files(work, generation_config, tokenizer_json, chat_template)
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "source": source, "dtype": dtype.name,
                 "converter": f"llama_jax {importlib.metadata.version('llama_jax')}",
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    if quantization is not None:
+        metadata["quantization"] = quantization
     (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 

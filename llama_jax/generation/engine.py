@@ -27,11 +27,11 @@ import numpy as np
 
 from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
 from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, forward, init_cache, named_sharding,
-                             param_shardings, unstack_layers)
+                             param_logical_names, tree_shardings, unstack_layers)
 
 MIN_BUCKET = 16
 EMPTY = -1  # what a finished row emits on device; never returned
-# XLA:CPU multiplies by a weight narrower than float32 (bfloat16, and soon int8) by converting it to float32 first.
+# XLA:CPU multiplies by a weight narrower than float32 (bfloat16, int8) by converting it to float32 first.
 # Left alone it hoists those conversions out of the decode loop and schedules them all up front: a float32 copy of
 # every weight, twice the bfloat16 weights' bytes (32 GB for an 8B model). These options keep one conversion alive
 # at a time, at the price of converting every step.
@@ -148,10 +148,12 @@ class Engine:
 
     params:      the model params per layer (`load_params(..., per_layer=True)`, or `unstack_layers`' tree), used as
                  they are when already on the device in `param_shardings(..., unstacked=True)`; or stacked, then put
-                 on the device and split per layer into the engine's own copy (the caller may drop theirs).
+                 on the device and split per layer into the engine's own copy (the caller may drop theirs). Weights
+                 may be int8 QuantArrays (`load_params(..., quantize="int8")`).
     max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
     sampling:    how tokens are picked (compiled in; make another Engine to change it).
-    cache_dtype: dtype of the cached keys and values; dtype: compute dtype of the forward.
+    cache_dtype: dtype of the cached keys and values (int8: quantized per token and head); dtype: compute dtype of
+                 the forward.
     attention:   "xla" or "cudnn" (see `forward`; one-token decode steps attend the "xla" way either way).
     mesh:        a mesh with axes data/fsdp/tensor: rows split over data (and fsdp), heads and vocab over tensor.
     """
@@ -163,7 +165,8 @@ class Engine:
         self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
         self.cache_dtype, self.dtype, self.attention = cache_dtype, dtype, attention
         stacked = "layers" in params
-        params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh, unstacked=not stacked))
+        names = param_logical_names(config, unstacked=not stacked)
+        params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if stacked else params
         self._executables: dict[Any, Any] = {}
@@ -184,8 +187,10 @@ class Engine:
         """Shardings of the outputs (cache, state[, tokens `[batch, width]`]), or None without a mesh."""
         if self.mesh is None:
             return None
-        kv = self._sharding(CACHE_NAMES, jax.eval_shape(self._empty_cache_fn(batch)).k.shape)
-        cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()))
+        empty = jax.eval_shape(self._empty_cache_fn(batch))
+        kv, scale = (None if a is None else self._sharding(CACHE_NAMES, a.shape) for a in (empty.k, empty.k_scale))
+        cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()),
+                        scale, scale)
         rows = self._sharding(("batch",), (batch,))
         state = DecodeState(rows, rows, rows, self._sharding((), ()))
         return (cache, state) if width is None else (cache, state, self._sharding(("batch", "seq"), (batch, width)))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.model import LlamaConfig, forward
+from llama_jax.model import LlamaConfig, forward, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,18 +57,26 @@ def sliding_windows(length: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
-def token_nll(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: LlamaConfig, dtype) -> jax.Array:
-    """-log p(token t | tokens before it) for t = 1.. of each row: tokens `[batch, seq]` -> float32 `[batch, seq-1]`."""
-    logits, _ = forward(params, tokens, config, segment_ids=segment_ids, dtype=dtype)
+def token_nll(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: LlamaConfig, dtype, cache_dtype=None
+              ) -> jax.Array:
+    """-log p(token t | tokens before it) for t = 1.. of each row: tokens `[batch, seq]` -> float32 `[batch, seq-1]`.
+
+    cache_dtype: None, a plain forward; else the tokens go through an empty KV cache of that dtype as a prefill does
+    (keys and values written to it, then attended from it: with int8, their quantization is in the score).
+    """
+    cache = None if cache_dtype is None else init_cache(config, tokens.shape[0], tokens.shape[1], cache_dtype)
+    logits, _ = forward(params, tokens, config, segment_ids=segment_ids, cache=cache, dtype=dtype)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
 def perplexity(params: Any, ids: Sequence[int], config: LlamaConfig, *, context: int, stride: int, batch_size: int,
-               dtype=jnp.float32, on_batch: Callable[[int], None] = lambda windows: None) -> Perplexity:
-    """The sliding-window perplexity of `ids`; `on_batch` is told how many windows each batch scored."""
+               dtype=jnp.float32, cache_dtype=None, on_batch: Callable[[int], None] = lambda windows: None
+               ) -> Perplexity:
+    """The sliding-window perplexity of `ids` (through a KV cache of `cache_dtype`, if given: see `token_nll`);
+    `on_batch` is told how many windows each batch scored."""
     windows = sliding_windows(len(ids), context, stride)
-    score = jax.jit(functools.partial(token_nll, config=config, dtype=dtype))
+    score = jax.jit(functools.partial(token_nll, config=config, dtype=dtype, cache_dtype=cache_dtype))
     ids = np.asarray(ids, np.int32)
     total, count = 0.0, 0
     for first in range(0, len(windows), batch_size):

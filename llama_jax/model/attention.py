@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model.cache import write
+from llama_jax.model.cache import load, store
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.rope import apply_rope, inverse_frequencies
 from llama_jax.model.sharding import constrain
@@ -111,9 +111,10 @@ class Attention(nn.Module):
 
         x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`, or None
         for plain causal attention without a cache.
-        cache: None, or every layer's (k, v) `[layers, batch, kv_heads, max_len, head_dim]`; this layer's new keys
-        and values are written in place at `[layer, :, :, cache_index : cache_index + seq]` and attention reads
-        that layer's max_len slots (kv_len = max_len then, else seq).
+        cache: None, or every layer's (k, v, k_scale, v_scale) as KVCache holds them (`[layers, batch, kv_heads,
+        max_len, head_dim]`; scales None unless int8); this layer's new keys and values are written in place at
+        `[layer, :, :, cache_index : cache_index + seq]` and attention reads that layer's max_len slots (kv_len =
+        max_len then, else seq).
         Returns (`[batch, seq, embed]`, the updated cache or None).
         """
         c = self.config
@@ -123,9 +124,8 @@ class Attention(nn.Module):
         v = self.project_in("v", x, "kv_heads", c.num_key_value_heads)
         k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
         if cache is not None:
-            start = (layer, 0, 0, cache_index, 0)
-            cache = tuple(write(old, new[None], start) for old, new in zip(cache, (k, v), strict=True))
-            k, v = (t[layer].astype(self.dtype) for t in cache)
+            cache = store(cache, k, v, layer, cache_index)
+            k, v = load(cache, layer, self.dtype)
         if self.attention == "cudnn" and q.shape[1] > 1:
             out = attend_fused(q, k, v, mask, causal=cache is None, implementation="cudnn")
         else:

@@ -18,19 +18,59 @@ class KVCache(NamedTuple):
                  second-minor axis so that attention reads each head's keys as one contiguous matrix.
     segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
     index:       int32 scalar, the next slot to write (all rows advance together; rows differ by left padding).
+    k_scale, v_scale: float32 `[layers, batch, kv_heads, max_len, 1]` when k and v are int8 (symmetric, one scale
+                 per token and head: the key is k * k_scale); None for a float cache.
     """
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated)."""
+    """An empty cache for `batch` rows of up to `max_len` tokens in total (prompt plus generated); `dtype` int8
+    makes a quantized one (half the bytes of bfloat16, plus a float32 scale per token and head)."""
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    scales = (None, None)
+    if jnp.dtype(dtype) == jnp.int8:
+        scales = tuple(jnp.zeros((*shape[:-1], 1), jnp.float32) for _ in range(2))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32), *scales)
+
+
+def store(kv: tuple, k: jax.Array, v: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> tuple:
+    """Write one layer's new keys and values `[batch, kv_heads, seq, head_dim]` at slots index.. of that layer.
+
+    kv: (k, v, k_scale, v_scale) of the whole cache, as KVCache holds them (scales None for a float cache); returns
+    the same tuple updated. An int8 cache stores each token and head as int8 values and its absmax / 127.
+    """
+    start = (layer, 0, 0, index, 0)
+    cache_k, cache_v, k_scale, v_scale = kv
+    if k_scale is None:
+        return write(cache_k, k[None], start), write(cache_v, v[None], start), None, None
+    (k, new_k_scale), (v, new_v_scale) = (_quantize_rows(t) for t in (k, v))
+    return (write(cache_k, k[None], start), write(cache_v, v[None], start),
+            write(k_scale, new_k_scale[None], start), write(v_scale, new_v_scale[None], start))
+
+
+def load(kv: tuple, layer: jax.Array | int, dtype) -> tuple[jax.Array, jax.Array]:
+    """One layer's keys and values `[batch, kv_heads, max_len, head_dim]` in `dtype` (dequantized when int8)."""
+    cache_k, cache_v, k_scale, v_scale = kv
+    if k_scale is None:
+        return cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
+    return tuple((t[layer].astype(jnp.float32) * s[layer]).astype(dtype)
+                 for t, s in ((cache_k, k_scale), (cache_v, v_scale)))
+
+
+def _quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x `[..., head_dim]` -> int8 values and float32 scales `[..., 1]` (absmax / 127; 1 for an all-zero row)."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:

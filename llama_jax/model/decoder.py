@@ -30,7 +30,8 @@ from llama_jax.model.config import LlamaConfig
 from llama_jax.model.mlp import MLP
 from llama_jax.model.norm import RMSNorm
 from llama_jax.model.sharding import constrain, logical_to_spec, tree_shardings
-from llama_jax.model.weights import INIT
+from llama_jax.model.quant import QuantArray, check_quantization, quantize_tree
+from llama_jax.model.weights import INIT, cast, lookup, project
 
 # The compute dtypes the programs offer (`--dtype`); params may be stored in any float dtype.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -48,8 +49,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, mask, cache_index):
-        """One pre-norm block. carry: (x `[batch, seq, embed]`, the whole KV cache (k, v) or None); layer: this
-        layer's index into the cache; see Attention for the rest.
+        """One pre-norm block. carry: (x `[batch, seq, embed]`, the whole KV cache (k, v, k_scale, v_scale) or
+        None); layer: this layer's index into the cache; see Attention for the rest.
 
         Shaped for `nn.scan`: (carry, scanned=layer) -> (carry, None).
         """
@@ -79,12 +80,12 @@ class Llama(nn.Module):
         c = self.config
         embed = self.param("embed", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
                            (c.vocab_size, c.hidden_size), self.param_dtype)
-        x = constrain(jnp.take(embed, tokens, axis=0).astype(self.dtype), ("batch", "seq", "embed"))
+        x = constrain(lookup(embed, tokens, self.dtype), ("batch", "seq", "embed"))
 
         offset, kv, mask = 0, None, None  # no cache, one causal sequence per row: no mask array is needed
         if cache is not None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
-            offset, kv = cache.index, (cache.k, cache.v)
+            offset, kv = cache.index, (cache.k, cache.v, cache.k_scale, cache.v_scale)
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, offset))
             mask = attention_mask(segment_ids, kv_segments, offset)
         elif segment_ids is not None:
@@ -114,19 +115,19 @@ class Llama(nn.Module):
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(INIT, ("embed", "vocab")),
                               (c.hidden_size, c.vocab_size), self.param_dtype)
-        logits = constrain(vocab_logits(x, head.astype(self.dtype)), ("batch", "seq", "vocab"))
+        logits = constrain(vocab_logits(x, cast(head, self.dtype)), ("batch", "seq", "vocab"))
         if cache is not None:
-            cache = KVCache(kv[0], kv[1], kv_segments, offset + tokens.shape[1])
+            cache = KVCache(kv[0], kv[1], kv_segments, offset + tokens.shape[1], kv[2], kv[3])
         return logits, cache
 
 
-def vocab_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
     """x `[batch, seq, embed]` @ head `[embed, vocab]` -> float32 logits `[batch, seq, vocab]`.
 
     On a CPU, for a single token (batch 1: a decode step, a last-only prefill) and a head narrower than float32
-    whose vocabulary is not sharded, the head is multiplied in slices of at most HEAD_SLICE_BYTES (as float32):
-    XLA:CPU turns that product into a float32 one over the whole converted head, 2 GB more memory for Llama 3 8B in
-    bfloat16 (13% of its weights); sliced, it holds one converted slice at a time. Elsewhere it is one product
+    (bfloat16, int8) whose vocabulary is not sharded, the head is multiplied in slices of at most HEAD_SLICE_BYTES
+    (as float32): XLA:CPU turns that product into a float32 one over the whole converted head, 2 GB more memory for
+    Llama 3 8B in bfloat16 (13% of its weights); sliced, it holds one converted slice at a time. Elsewhere it is one product
     (on a GPU the slices would be copies, for nothing).
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -134,9 +135,8 @@ def vocab_logits(x: jax.Array, head: jax.Array) -> jax.Array:
     width = max(1, HEAD_SLICE_BYTES // (head.shape[0] * 4))
     if (jax.default_backend() != "cpu" or x.shape[0] * x.shape[1] != 1 or head.dtype.itemsize >= 4 or sharded
             or width >= head.shape[1]):
-        return jnp.einsum("bse,ev->bsv", x, head, preferred_element_type=jnp.float32)
-    return jnp.concatenate([jnp.einsum("bse,ev->bsv", x, head[:, start:start + width],
-                                       preferred_element_type=jnp.float32)
+        return project("bse,ev->bsv", x, head, jnp.float32)
+    return jnp.concatenate([project("bse,ev->bsv", x, head[:, start:start + width], jnp.float32)
                             for start in range(0, head.shape[1], width)], axis=-1)
 
 
@@ -204,17 +204,23 @@ def param_logical_names(config: LlamaConfig, *, unstacked: bool = False) -> Any:
         f"layer_{i}": layer for i in range(config.num_hidden_layers)}
 
 
-def param_shapes(config: LlamaConfig, dtype=jnp.float32, *, unstacked: bool = False) -> Any:
-    """The params tree of `jax.ShapeDtypeStruct`s (of `unstack_layers`' tree, when `unstacked`), computed without
-    allocating anything."""
+def param_shapes(config: LlamaConfig, dtype=jnp.float32, *, unstacked: bool = False,
+                 quantization: str | None = None) -> Any:
+    """The params tree of `jax.ShapeDtypeStruct`s (of `unstack_layers`' tree, when `unstacked`; with QuantArrays
+    of them for `quantization` "int8"), computed without allocating anything."""
     shapes = nn.meta.unbox(jax.eval_shape(_boxed_init(config, dtype), jax.random.key(0)))
-    return jax.eval_shape(unstack_layers, shapes) if unstacked else shapes
+    shapes = jax.eval_shape(unstack_layers, shapes) if unstacked else shapes
+    if quantization is None:
+        return shapes
+    check_quantization(quantization)
+    return jax.eval_shape(lambda p: quantize_tree(p, param_logical_names(config, unstacked=unstacked)), shapes)
 
 
-def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh, *, unstacked: bool = False) -> Any:
+def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh, *, unstacked: bool = False,
+                    quantization: str | None = None) -> Any:
     """The params tree of `NamedSharding`s on `mesh`, from the logical names and the sharding rules."""
     return tree_shardings(mesh, param_logical_names(config, unstacked=unstacked),
-                          param_shapes(config, unstacked=unstacked))
+                          param_shapes(config, unstacked=unstacked, quantization=quantization))
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None

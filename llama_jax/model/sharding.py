@@ -101,8 +101,10 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 def tree_shardings(mesh: Mesh, logical_names: Any, shapes: Any) -> Any:
-    """NamedShardings for a pytree, given matching pytrees of logical names (tuples) and shapes/arrays."""
-    return jax.tree.map(lambda names, x: named_sharding(mesh, names, tuple(np.shape(x))),
+    """NamedShardings for a pytree, given matching pytrees of logical names (tuples) and shapes/arrays. A leaf of
+    names may stand for a subtree of arrays of one rank (a `QuantArray`'s values and scale): each is laid out by
+    those names."""
+    return jax.tree.map(lambda names, x: jax.tree.map(lambda a: named_sharding(mesh, names, tuple(np.shape(a))), x),
                         logical_names, shapes, is_leaf=lambda n: isinstance(n, tuple))
 
 

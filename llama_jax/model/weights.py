@@ -1,22 +1,45 @@
-"""Declaring a weight: logical axis names for sharding, stored in `param_dtype`, used in the compute dtype."""
+"""Declaring a weight: logical axis names for sharding, stored in `param_dtype`, used in the compute dtype; and the
+two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.quant import QuantArray
+
 INIT = nn.initializers.normal(0.02)
 
 
-def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` accumulated in float32 and returned in x's dtype.
+def project(spec: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` accumulated in float32 and returned in `out_dtype` (default x's dtype).
 
     With bfloat16 operands and a bfloat16 result XLA:CPU converts the whole weight to float32 at every call;
     asking for a float32 result lets it multiply the bfloat16 weight directly (about 8x faster per matmul).
+    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU the convert fuses into the matmul, so
+    the int8 bytes are what is read) and the output channels scaled after; `spec` must put w's kept axes last in
+    the output, in order, as every projection of the model does.
     """
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, QuantArray):
+        out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (out * w.output_scale).astype(out_dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def weight(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], init=INIT) -> jax.Array:
-    """Declare (or fetch) param `name` of `module`; returns it cast to `module.dtype`."""
-    value = module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
-    return value.astype(module.dtype)
+def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of an embedding table `[vocab, embed]` for token ids `[batch, seq]` -> `[batch, seq, embed]` in `dtype`."""
+    if isinstance(table, QuantArray):
+        rows = table[tokens]
+        return (rows.values.astype(jnp.float32) * rows.scale).astype(dtype)
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def cast(w: jax.Array | QuantArray, dtype) -> jax.Array | QuantArray:
+    """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot)."""
+    return w if isinstance(w, QuantArray) else w.astype(dtype)
+
+
+def weight(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], init=INIT
+           ) -> jax.Array | QuantArray:
+    """Declare (or fetch) param `name` of `module`; returns it cast to `module.dtype` (see `cast`)."""
+    return cast(module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype), module.dtype)

@@ -1,0 +1,108 @@
+"""int8 weights: symmetric, one scale per output channel, dequantized inside the matmul that reads them.
+
+A quantized weight is a `QuantArray` in the params tree in place of the float array: `values` int8 of the weight's
+shape and `scale` of the same rank, 1 along the contracted (input) axes, so `values * scale` is the weight. Every
+other axis keeps its length, so indexing a layer (`nn.scan`), a vocab slice or a transpose applies to both alike,
+and the logical axis names of the weight lay out both on a mesh (a length-1 axis is never sharded).
+`weights.project` multiplies by `values` converted in the dot and scales the output channels after: the int8
+weight is what is read from memory. Norms and biases stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+QUANTIZATIONS = ("int8",)
+# The input (contracted) logical axes of each quantized weight, by its params name; every other weight with two or
+# more axes besides `layers` is contracted over "embed" (q, k, v, gate, up, lm_head; embed is looked up by row).
+INPUT_AXES = {"o": ("heads", "head_dim"), "down": ("mlp",)}
+QUANTIZED_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+
+
+@struct.dataclass
+class QuantArray:
+    """values int8 `[...]`, scale float32 of the same rank (1 on the contracted axes): the weight is their product.
+    `values` is the first leaf, so Flax's param shape check compares it with the declared shape."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.values.dtype
+
+    @property
+    def T(self) -> QuantArray:  # noqa: N802 (as jax.Array.T)
+        return QuantArray(self.values.T, self.scale.T)
+
+    def __getitem__(self, index) -> QuantArray:
+        return QuantArray(self.values[index], self.scale[index])
+
+    def reshape(self, *shape: int) -> QuantArray:
+        """`values.reshape(*shape)`, for a weight whose kept (output) axes are its last ones and stay so: o's
+        `[heads, head_dim, embed]` -> `[heads * head_dim, embed]`."""
+        values = self.values.reshape(*shape)
+        kept = next((shape[len(shape) - m:] for m in range(len(shape) + 1)
+                     if math.prod(shape[len(shape) - m:]) == self.scale.size), None)
+        if kept is None or self.scale.shape[self.scale.ndim - len(kept):] != tuple(kept):
+            raise ValueError(f"cannot reshape a {self.shape} QuantArray (scale {self.scale.shape}) to {shape}")
+        scale_shape = (1,) * (len(shape) - len(kept)) + tuple(kept)
+        return QuantArray(values, self.scale.reshape(scale_shape))
+
+    @property
+    def output_scale(self) -> jax.Array:
+        """The scale without its contracted axes: it broadcasts against a matmul output `[..., *kept axes]`."""
+        return self.scale.reshape([s for s, n in zip(self.scale.shape, self.shape, strict=True) if s != 1 or n == 1])
+
+    def dequantize(self, dtype) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def input_axes(path: tuple[str, ...], names: tuple[str | None, ...]) -> tuple[int, ...]:
+    """Positions of the contracted axes of the weight at params `path` with logical `names`."""
+    inputs = INPUT_AXES.get(path[-1], ("embed",))
+    return tuple(i for i, n in enumerate(names) if n in inputs)
+
+
+def is_quantized_leaf(path: tuple[str, ...], names: tuple[str | None, ...]) -> bool:
+    """Whether int8 quantization stores the weight at `path` as a QuantArray (matrices; not norms or biases)."""
+    return path[-1] in QUANTIZED_NAMES and len([n for n in names if n != "layers"]) >= 2
+
+
+def quantize(w: jax.Array, axes: tuple[int, ...]) -> QuantArray:
+    """Symmetric int8 with one float32 scale per output channel: absmax over the contracted `axes` / 127."""
+    w = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
+    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return QuantArray(values, scale)
+
+
+def is_quant(x: Any) -> bool:
+    return isinstance(x, QuantArray)
+
+
+def quantize_tree(params: Any, logical_names: Any, path_prefix: tuple[str, ...] = ()) -> Any:
+    """Every weight of `params` that `is_quantized_leaf` as a QuantArray; the rest as given. `logical_names` is the
+    matching tree of axis-name tuples (`param_logical_names`). Works on arrays and on `jax.ShapeDtypeStruct`s
+    (under `jax.eval_shape`)."""
+    def one(path, names, w):
+        path = path_prefix + tuple(k.key for k in path)
+        return quantize(w, input_axes(path, names)) if is_quantized_leaf(path, names) else w
+
+    return jax.tree_util.tree_map_with_path(one, logical_names, params, is_leaf=lambda n: isinstance(n, tuple))
+
+
+def check_quantization(quantization: str) -> None:
+    """ValueError unless `quantization` is one of QUANTIZATIONS."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: choose from {', '.join(QUANTIZATIONS)}")
