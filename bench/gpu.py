@@ -1,7 +1,8 @@
 """The GPU suite (one H100/H200, under 10 minutes): `python -m bench --suite gpu [--out-dir DIR] [--quick]`.
 
   decode     Llama-3-8B shape, bfloat16 weights and KV cache, random normal(0.02) weights made on the device
-             (`init_params`): Engine decode tokens/s at batch 1/8/64 (128-token prompts, --new-tokens each) and
+             (`init_params`): Engine decode tokens/s at batch 1/8/64 (128-token prompts, --new-tokens each), then
+             the same with those weights quantized to int8 (`quantize_tree`, bfloat16 compute and cache), and
              TTFT for 128- and 2048-token prompts with attention "xla" and "cudnn", against the HBM roofline
              (bandwidth of a 4 GiB in-place device copy) and the bf16 peak (an 8192^3 matmul)
   training   Llama-3.2-1B and 3B full fine-tuning steps (float32 params and AdamW, bfloat16 compute) for each
@@ -19,6 +20,7 @@ run cut off by the device's 10-minute limit still leaves its numbers.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
@@ -32,6 +34,7 @@ from bench.common import GB, best, interleave, md_table
 from bench.decode import OurGenerate, random_prompts
 from bench.train import OurTrainStep
 from llama_jax import forward, init_params, preset
+from llama_jax.model import param_logical_names, quantize_tree
 
 DECODE_MODEL = "llama3-8b"
 BATCHES = (1, 8, 64)
@@ -52,6 +55,9 @@ def plan(args) -> str:
     rows = [[DECODE_MODEL, f"decode batch {b}",
              f"{roofline.decode_bytes_per_step(config, b, context, 'bfloat16') / GB:.2f} GB read/step",
              f"{roofline.decode_flops_per_step(config, b, context) / 1e9:.0f} GFLOP/step"] for b in BATCHES]
+    rows += [[DECODE_MODEL, f"decode batch {b}, int8 weights",
+              f"{roofline.decode_bytes_per_step(config, b, context, 'int8', 'bfloat16') / GB:.2f} GB read/step",
+              f"{roofline.decode_flops_per_step(config, b, context) / 1e9:.0f} GFLOP/step"] for b in BATCHES]
     rows += [[DECODE_MODEL, f"prefill 1 x {n}, attention xla and cudnn", "-",
               f"{roofline.prefill_flops(config, 1, n) / 1e12:.2f} TFLOP"] for n in (PROMPT, LONG_PROMPT)]
     for name, (batch, seq) in TRAIN.items():
@@ -103,20 +109,30 @@ def _decode_rows(args, limits, rounds, impls, deadline) -> tuple[list[dict], lis
     params = init_params(config, jax.random.key(0), dtype=dtype)
     context = roofline.decode_mean_context(PROMPT, args.new_tokens)
     decode, prefill = [], []
-    for batch in BATCHES:
-        log(f"decode batch {batch}")
-        ours = OurGenerate(params, config, dtype=dtype, batch=batch, prompt_len=PROMPT, new_tokens=args.new_tokens)
-        runs = interleave({"ours": ours}, rounds)["ours"]
-        row = {"model": DECODE_MODEL, "dtype": "bfloat16", "batch": batch, "new_tokens": args.new_tokens,
-               "compile_s": ours.compile_s, "runs": runs,
-               "ours_tok_s": best([r["decode_tok_s"] for r in runs]),
-               "ours_ttft_s": best([r["ttft_s"] for r in runs], higher_is_better=False),
-               "limit_tok_s": roofline.decode_limit(config, batch, context, dtype, limits["bandwidth"])}
-        decode.append(row)
-        if batch == 1:
-            prefill.append(_prefill_row(config, PROMPT, "xla", row["ours_ttft_s"], ours.compile_s, limits))
-        del ours
-        gc.collect()
+    quantized = None
+    for weights in ("bfloat16", "int8"):
+        if weights == "int8":
+            if _out_of_time(deadline):
+                break
+            log(f"{DECODE_MODEL}: the same weights quantized to int8 on the device")
+            quantized = jax.jit(functools.partial(quantize_tree, logical_names=param_logical_names(config)))(params)
+        for batch in BATCHES:
+            log(f"decode batch {batch}, {weights} weights")
+            ours = OurGenerate(quantized if weights == "int8" else params, config, dtype=dtype, batch=batch,
+                               prompt_len=PROMPT, new_tokens=args.new_tokens)
+            runs = interleave({"ours": ours}, rounds)["ours"]
+            row = {"model": DECODE_MODEL, "dtype": "bfloat16" if weights == "bfloat16" else "int8 weights",
+                   "batch": batch, "new_tokens": args.new_tokens, "compile_s": ours.compile_s, "runs": runs,
+                   "ours_tok_s": best([r["decode_tok_s"] for r in runs]),
+                   "ours_ttft_s": best([r["ttft_s"] for r in runs], higher_is_better=False),
+                   "limit_tok_s": roofline.decode_limit(config, batch, context, weights, limits["bandwidth"],
+                                                        cache_dtype=dtype)}
+            decode.append(row)
+            if batch == 1 and weights == "bfloat16":
+                prefill.append(_prefill_row(config, PROMPT, "xla", row["ours_ttft_s"], ours.compile_s, limits))
+            del ours
+            gc.collect()
+    del quantized
     for prompt_len, attention in [(n, a) for n in (PROMPT, LONG_PROMPT) for a in impls]:
         if (prompt_len, attention) == (PROMPT, "xla"):
             continue  # measured with the batch-1 decode above

@@ -153,7 +153,7 @@ def gpu_targets(results: dict) -> list[str]:
     lines = [(f"- target, bfloat16 batch-1 decode >= {TARGET_GPU_ROOFLINE:.0%} of the HBM roofline: "
               f"{r['ours_tok_s'] / r['limit_tok_s']:.0%} ({r['model']}) — "
               f"{_mark(r['ours_tok_s'] / r['limit_tok_s'] >= TARGET_GPU_ROOFLINE)}")
-             for r in results.get("decode", []) if r["batch"] == 1]
+             for r in results.get("decode", []) if r["batch"] == 1 and r["dtype"] == "bfloat16"]
     for model in dict.fromkeys(r["model"] for r in results.get("train", [])):
         done = [r for r in results["train"] if r["model"] == model and "ours_mfu" in r]
         if not done:
