@@ -127,8 +127,8 @@ def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
     On a CPU, for a single token (batch 1: a decode step, a last-only prefill) and a head narrower than float32
     (bfloat16, int8) whose vocabulary is not sharded, the head is multiplied in slices of at most HEAD_SLICE_BYTES
     (as float32): XLA:CPU turns that product into a float32 one over the whole converted head, 2 GB more memory for
-    Llama 3 8B in bfloat16 (13% of its weights); sliced, it holds one converted slice at a time. Elsewhere it is one product
-    (on a GPU the slices would be copies, for nothing).
+    Llama 3 8B in bfloat16 (13% of its weights); sliced, it holds one converted slice at a time. Elsewhere it is one
+    product (on a GPU the slices would be copies, for nothing).
     """
     mesh = jax.sharding.get_abstract_mesh()
     sharded = not mesh.empty and any(logical_to_spec(("embed", "vocab"), head.shape, dict(mesh.shape)))
