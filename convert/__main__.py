@@ -33,7 +33,7 @@ def parse_args(argv):
                              help="weights dtype (default: the source's; float32 for GGUF)")
         command.add_argument("--force", action="store_true", help="replace an existing destination")
         if name != "export":
-            command.add_argument("--quantize", choices=QUANTIZATIONS,
+            command.add_argument("--quantize", metavar="int8",
                                  help="store the weights quantized (int8: symmetric, one scale per output channel)")
     return parser.parse_args(argv)
 
@@ -54,6 +54,9 @@ def convert(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if getattr(args, "quantize", None) not in (None, *QUANTIZATIONS):  # before any work: one line, exit 2
+        print(f"error: unknown quantization {args.quantize!r}: choose from {', '.join(QUANTIZATIONS)}", file=sys.stderr)
+        return 2
     return exit_code(lambda: convert(args), interrupted="interrupted; nothing was written")
 
 if __name__ == "__main__":

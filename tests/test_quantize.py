@@ -165,3 +165,21 @@ def test_quantizing_an_int8_checkpoint_again_is_a_noop_that_says_so(converted, c
                 "--quantize", "int8")
     assert plain[0] == again[0] == 0 and "already int8: --quantize has nothing to do" in again[2]
     assert json.loads(plain[1])["generated_token_ids"] == json.loads(again[1])["generated_token_ids"]
+
+
+def test_convert_gguf_quantized_and_a_bad_quantization(tmp_path, capsys):
+    """`convert gguf --quantize int8` stores what quantizing on load makes of the float conversion; an unknown
+    --quantize is one line and exit 2, nothing written."""
+    from gguf_files import tiny_gguf_file
+
+    source = tiny_gguf_file(tmp_path / "tiny.gguf")
+    assert convert_main(["gguf", str(source), str(tmp_path / "float")]) == 0
+    assert convert_main(["gguf", str(source), str(tmp_path / "int8"), "--quantize", "int8"]) == 0
+    on_load = load_params(open_checkpoint(tmp_path / "float"), quantize="int8")
+    stored = load_params(open_checkpoint(tmp_path / "int8"))
+    for a, b in zip(jax.tree.leaves(on_load), jax.tree.leaves(stored), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
+    code, out, err = run(convert_main, capsys, "gguf", source, tmp_path / "int4", "--quantize", "int4")
+    assert code == 2 and out == "" and err == "error: unknown quantization 'int4': choose from int8\n"
+    assert not list(tmp_path.glob("*int4*"))
