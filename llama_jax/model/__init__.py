@@ -1,7 +1,7 @@
 """The model math and nothing else: config and presets, the decoder and `forward`, attention, RoPE, norm, MLP,
-weight declaration (every matmul goes through `weights.project`), int8 weights (`quant`), the KV cache (float or
-int8), logical-axis sharding rules and FLOP counts. Imports nothing from the rest of the package except
-`llama_jax.errors`."""
+weight declaration (every matmul goes through `weights.project`), int8 weights (`quant`), LoRA adapters on the
+projections (`lora`), the KV cache (float or int8), logical-axis sharding rules and FLOP counts. Imports nothing
+from the rest of the package except `llama_jax.errors`."""
 
 from llama_jax.model.attention import ATTENTION_IMPLS
 from llama_jax.model.cache import CACHE_NAMES, KVCache, init_cache
@@ -9,6 +9,7 @@ from llama_jax.model.config import LlamaConfig, RopeScaling
 from llama_jax.model.decoder import (COMPUTE_DTYPES, REMAT_POLICIES, Remat, check_attention, forward, init_params,
                                      param_logical_names, param_shapes, param_shardings, unstack_layers)
 from llama_jax.model.flops import forward_flops_per_token, matmul_params, measured_peak_flops, training_flops_per_token
+from llama_jax.model.lora import LORA_TARGETS, LoraWeight, attach, init_adapters
 from llama_jax.model.presets import PRESETS, preset
 from llama_jax.model.quant import (QUANTIZATIONS, QuantArray, check_quantization, input_axes, is_quantized_leaf,
                                    quantize, quantize_tree)
@@ -17,10 +18,10 @@ from llama_jax.model.sharding import MESH_AXES, make_mesh, named_sharding, place
 from llama_jax.model.weights import project
 
 __all__ = [
-    "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "KVCache", "LlamaConfig", "MESH_AXES", "PRESETS",
-    "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat", "RopeScaling", "check_attention", "check_quantization",
-    "forward", "forward_flops_per_token", "init_cache", "init_params", "input_axes", "inverse_frequencies",
-    "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding", "param_logical_names",
-    "param_shapes", "param_shardings", "place", "preset", "project", "quantize", "quantize_tree",
-    "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "KVCache", "LORA_TARGETS", "LlamaConfig", "LoraWeight",
+    "MESH_AXES", "PRESETS", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat", "RopeScaling", "attach",
+    "check_attention", "check_quantization", "forward", "forward_flops_per_token", "init_adapters", "init_cache",
+    "init_params", "input_axes", "inverse_frequencies", "is_quantized_leaf", "make_mesh", "matmul_params",
+    "measured_peak_flops", "named_sharding", "param_logical_names", "param_shapes", "param_shardings", "place",
+    "preset", "project", "quantize", "quantize_tree", "training_flops_per_token", "tree_shardings", "unstack_layers",
 ]

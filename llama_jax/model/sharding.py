@@ -102,9 +102,13 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 def tree_shardings(mesh: Mesh, logical_names: Any, shapes: Any) -> Any:
     """NamedShardings for a pytree, given matching pytrees of logical names (tuples) and shapes/arrays. A leaf of
-    names may stand for a subtree of arrays of one rank (a `QuantArray`'s values and scale): each is laid out by
-    those names."""
-    return jax.tree.map(lambda names, x: jax.tree.map(lambda a: named_sharding(mesh, names, tuple(np.shape(a))), x),
+    names may stand for a subtree of arrays (a `QuantArray`'s values and scale, a `LoraWeight`): each array of the
+    names' rank is laid out by those names, any other (a LoRA factor, small) replicated."""
+    def one(names, a):
+        shape = tuple(np.shape(a))
+        return named_sharding(mesh, names, shape) if len(shape) == len(names) else NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(lambda names, x: jax.tree.map(lambda a: one(names, a), x),
                         logical_names, shapes, is_leaf=lambda n: isinstance(n, tuple))
 
 

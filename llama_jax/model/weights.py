@@ -1,25 +1,29 @@
 """Declaring a weight: logical axis names for sharding, stored in `param_dtype`, used in the compute dtype; and the
-two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike."""
+two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike, and
+with or without a LoRA adapter (`lora`)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.lora import LoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
 
 INIT = nn.initializers.normal(0.02)
 
 
-def project(spec: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None) -> jax.Array:
+def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, x, w)` accumulated in float32 and returned in `out_dtype` (default x's dtype).
 
     With bfloat16 operands and a bfloat16 result XLA:CPU converts the whole weight to float32 at every call;
     asking for a float32 result lets it multiply the bfloat16 weight directly (about 8x faster per matmul).
     An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU the convert fuses into the matmul, so
     the int8 bytes are what is read) and the output channels scaled after; `spec` must put w's kept axes last in
-    the output, in order, as every projection of the model does.
+    the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if isinstance(w, LoraWeight):
+        return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
         out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (out * w.output_scale).astype(out_dtype)
@@ -34,12 +38,15 @@ def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
-def cast(w: jax.Array | QuantArray, dtype) -> jax.Array | QuantArray:
-    """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot)."""
+def cast(w: jax.Array | QuantArray | LoraWeight, dtype) -> jax.Array | QuantArray | LoraWeight:
+    """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot); a LoRA
+    weight's base as such and its factors in the compute dtype."""
+    if isinstance(w, LoraWeight):
+        return LoraWeight(cast(w.base, dtype), w.a.astype(dtype), w.b.astype(dtype), w.scale)
     return w if isinstance(w, QuantArray) else w.astype(dtype)
 
 
 def weight(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], init=INIT
-           ) -> jax.Array | QuantArray:
+           ) -> jax.Array | QuantArray | LoraWeight:
     """Declare (or fetch) param `name` of `module`; returns it cast to `module.dtype` (see `cast`)."""
     return cast(module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype), module.dtype)

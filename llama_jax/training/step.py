@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.model import LlamaConfig, Remat
+from llama_jax.model import LlamaConfig, Remat, attach
 from llama_jax.training.loss import next_token_loss
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -93,18 +93,22 @@ def abstract_state(params: Any, optimizer: optax.GradientTransformation) -> Trai
     return TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(params)))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: LlamaConfig,
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, config: LlamaConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, dtype=jnp.bfloat16,
-               remat: Remat = "none", attention: str = "xla") -> tuple[TrainState, dict[str, jax.Array]]:
+               remat: Remat = "none", attention: str = "xla", lora_scale: float = 1.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum` micro-batches: batch arrays are `[accum, micro_batch, seq]`.
 
     Gradients are summed over micro-batches and divided by the total target weight, so the update equals the
     one for the whole batch at once. dtype, remat, attention: as `forward`. Metrics: loss, grad_norm (before
     clipping), lr, tokens (targets counted).
+    frozen: None (state.params are the model's params), or the frozen base params; then state.params are LoRA
+    adapters (`init_adapters`' tree) attached to it with `lora_scale`, and only they are differentiated.
     """
     def micro(carry, micro_batch):
         grad_sum, loss_sum, weight = carry
         def summed(params):
+            params = params if frozen is None else attach(frozen, params, lora_scale)
             _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention)
             return aux["loss_sum"], aux["weight"]
         (micro_loss, micro_weight), grads = jax.value_and_grad(summed, has_aux=True)(state.params)

@@ -1,0 +1,145 @@
+"""LoRA against Hugging Face PEFT (torch), both ways: adapters PEFT makes run here, ours load in PEFT, the merged
+export equals PEFT's merge_and_unload, the adapter gradients equal PEFT's; the train CLI's LoRA runs and errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_dirs import make_hf_dir, read_hf_tensors
+
+import llama_jax as lj
+from convert.__main__ import main as convert_main
+from infer.__main__ import main as infer_main
+from llama_jax.checkpoints import load_params, open_checkpoint, read_adapter
+from llama_jax.model import attach
+from llama_jax.training import (LoraConfig, OptimizerConfig, TrainState, init_lora, make_optimizer, next_token_loss,
+                                train_step)
+from train.__main__ import main as train_main
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+TOKENS = [[3, 17, 42, 7, 99, 5, 1, 64, 200, 13, 77, 31], [9, 8, 7, 6, 5, 4, 3, 2, 1, 250, 128, 64]]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny HF model (the gqa fixture), its llama_jax conversion, and transformers' model of it."""
+    root = tmp_path_factory.mktemp("lora")
+    hf = make_hf_dir(root / "hf", "gqa")
+    assert convert_main(["hf", str(hf), str(root / "ckpt")]) == 0
+    return hf, root / "ckpt"
+
+
+def hf_model(hf_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def peft_adapter(hf_dir, directory, *, rank=4, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                   "up_proj", "down_proj"), seed=0, **options):
+    """A PEFT LoRA adapter with random, non-zero A and B, saved by PEFT; returns the PEFT model."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                             **options)
+    model = peft.get_peft_model(hf_model(hf_dir), config).eval()
+    model.save_pretrained(str(directory))
+    return model
+
+
+def our_logits(checkpoint_dir, adapter_dir, tokens, per_layer=False):
+    checkpoint = open_checkpoint(checkpoint_dir)
+    adapter = read_adapter(adapter_dir, checkpoint.config)
+    params = load_params(checkpoint, per_layer=per_layer)
+    weights = lj.unstack_layers(adapter.weights) if per_layer else adapter.weights
+    return np.asarray(lj.forward(attach(params, weights, adapter.scale), jnp.array(tokens), checkpoint.config)[0])
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_an_adapter_peft_made_gives_peft_logits(base, tmp_path, rslora):
+    hf, ckpt = base
+    model = peft_adapter(hf, tmp_path / "adapter", use_rslora=rslora)
+    with torch.no_grad():
+        expected = model(torch.tensor(TOKENS)).logits.numpy()
+    assert np.abs(expected - hf_model(hf)(torch.tensor(TOKENS)).logits.detach().numpy()).max() > 1e-3
+    for per_layer in (False, True):
+        np.testing.assert_allclose(our_logits(ckpt, tmp_path / "adapter", TOKENS, per_layer), expected, atol=1e-4)
+
+
+def test_infer_with_a_peft_adapter_generates_as_peft(base, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    hf, ckpt = base
+    model = peft_adapter(hf, tmp_path / "adapter", targets=("q_proj", "v_proj"))
+    prompt = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode("Hi there").ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+    capsys.readouterr()
+    code = infer_main([str(ckpt), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hi there",
+                       "--max-new-tokens", "10", "--temperature", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    ours = out["generated_token_ids"]  # ends early only at the checkpoint's stop id 2, which PEFT is not told
+    assert code == 0 and out["prompt_token_ids"] == prompt and ours == expected[:len(ours)]
+    assert len(ours) == 10 or ours[-1] == 2
+
+
+def test_merged_export_equals_merge_and_unload(base, tmp_path, capsys):
+    hf, ckpt = base
+    model = peft_adapter(hf, tmp_path / "adapter")
+    merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    code = convert_main(["export", str(ckpt), str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter")])
+    assert code == 0 and "merged" in capsys.readouterr().out
+    ours = read_hf_tensors(tmp_path / "merged")
+    for name, tensor in ours.items():
+        np.testing.assert_allclose(tensor, merged[name], atol=1e-5, err_msg=name)
+
+
+def test_adapter_gradients_equal_peft(base, tmp_path):
+    """The same adapters (PEFT's random A and B, copied) and batch: our gradients of a and b equal torch's."""
+    hf, ckpt = base
+    model = peft_adapter(hf, tmp_path / "adapter")
+    checkpoint = open_checkpoint(ckpt)
+    adapter = read_adapter(tmp_path / "adapter", checkpoint.config)
+    tokens = torch.tensor(TOKENS)
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    params = load_params(checkpoint)
+    batch = {"tokens": jnp.array(TOKENS), "loss_mask": jnp.ones((2, 12), jnp.int32).at[:, 0].set(0)}
+    grads = jax.grad(lambda ad: next_token_loss(attach(params, ad, adapter.scale), batch,
+                                                   checkpoint.config)[0])(adapter.weights)
+    named = dict(model.named_parameters())
+    for i in range(checkpoint.config.num_hidden_layers):
+        for group, module, name in (("attn", "self_attn", "q"), ("attn", "self_attn", "o"), ("mlp", "mlp", "down")):
+            prefix = f"base_model.model.model.layers.{i}.{module}.{name}_proj"
+            want_a = named[f"{prefix}.lora_A.default.weight"].grad.numpy()
+            want_b = named[f"{prefix}.lora_B.default.weight"].grad.numpy()
+            got = grads["layers"][group][name]
+            rank = adapter.rank
+            np.testing.assert_allclose(np.asarray(got["a"][i]).reshape(-1, rank).T, want_a, atol=1e-6, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(got["b"][i]).reshape(rank, -1).T, want_b, atol=1e-6, rtol=1e-4)
+
+
+def test_train_step_updates_adapters_only(base):
+    checkpoint = open_checkpoint(base[1])
+    config = checkpoint.config
+    mesh = lj.make_mesh("fsdp=-1")
+    lora = LoraConfig(rank=4, alpha=8.0)
+    with jax.set_mesh(mesh):
+        frozen = load_params(checkpoint, mesh=mesh)
+        before = jax.tree.map(np.asarray, frozen)
+        optimizer = make_optimizer(OptimizerConfig(total_steps=3, lr=1e-2))
+        adapters = init_lora(config, lora, jax.random.key(0), mesh)
+        state = TrainState(adapters, optimizer.init(adapters), jnp.zeros((), jnp.int32))
+        batch = {"tokens": jnp.array([TOKENS]), "loss_mask": jnp.ones((1, 2, 12), jnp.int32)}
+        step = jax.jit(lambda s, b, f: train_step(s, b, f, config=config, optimizer=optimizer, schedule=lambda _: 0.0,
+                                                  dtype=jnp.float32, lora_scale=lora.scale))
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, batch, frozen)
+            losses.append(float(metrics["loss"]))
+    assert losses[2] < losses[0]
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
+    for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
+        assert np.array_equal(np.asarray(got), want)
