@@ -2,11 +2,12 @@
 
     python -m convert hf SRC_DIR DST_DIR [--dtype bfloat16|float16|float32] [--quantize int8] [--force]
     python -m convert gguf SRC.gguf DST_DIR [--dtype ...] [--quantize int8] [--force]
-    python -m convert export CKPT_DIR DST_HF_DIR [--dtype ...] [--force]
+    python -m convert export CKPT_DIR DST_HF_DIR [--dtype ...] [--adapter LORA_DIR] [--force]
 
 --quantize int8 stores the weights (embeddings and lm_head too) as int8 with one scale per output channel, about
 half the bytes of bfloat16; norms and biases stay in --dtype. `infer` loads such a checkpoint as it is; `export`
-writes its weights dequantized.
+writes its weights dequantized. `export --adapter` merges a PEFT LoRA adapter into the weights (W + scale * B A),
+for tools that do not read adapters.
 """
 
 import argparse
@@ -32,7 +33,9 @@ def parse_args(argv):
         command.add_argument("--dtype", choices=DTYPES,
                              help="weights dtype (default: the source's; float32 for GGUF)")
         command.add_argument("--force", action="store_true", help="replace an existing destination")
-        if name != "export":
+        if name == "export":
+            command.add_argument("--adapter", metavar="LORA_DIR", help="merge this PEFT LoRA adapter into the weights")
+        else:
             command.add_argument("--quantize", metavar="int8",
                                  help="store the weights quantized (int8: symmetric, one scale per output channel)")
     return parser.parse_args(argv)
@@ -40,7 +43,9 @@ def parse_args(argv):
 
 def convert(args) -> int:
     if args.command == "export":
-        out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force)
+        out = export_hf(args.source, args.destination, dtype=args.dtype, force=args.force, adapter=args.adapter)
+        if args.adapter is not None:
+            print(f"note: merged the LoRA adapter {args.adapter} into the weights of {out}")
         quantization = open_checkpoint(args.source).quantization
         if quantization is not None:
             print(f"note: {args.source} holds {quantization} weights: {out} has them dequantized (values * scale), "

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from infer.perplexity import run_perplexity
-from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
+from infer.weights import load_weights
+from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generation import Engine, SamplingParams, cache_length, enable_compilation_cache
 from llama_jax.model import ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, check_quantization, make_mesh
@@ -49,6 +50,7 @@ def parse_args(argv):
     p.add_argument("--quantize", metavar="int8",
                    help="int8: quantize the weights while loading (one layer at a time; about half the bytes of "
                         "bfloat16). A checkpoint stored as int8 needs no flag")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter for this model (ours or PEFT's), not merged")
     p.add_argument("--kv-cache", metavar="DTYPE",
                    help=f"KV-cache dtype, one of {', '.join(KV_CACHE_DTYPES)} (default: the compute dtype); int8 keeps "
                         "a scale per token and head. With --perplexity, windows are scored through this cache")
@@ -125,7 +127,7 @@ def run(args) -> int:
     check_attention(args.attention, dtype, jax.default_backend())
     max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
-    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize)
+    params = load_weights(args, checkpoint, dtype, mesh)
     engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=args.kv_cache or dtype,
                     dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1

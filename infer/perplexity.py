@@ -1,5 +1,5 @@
 """`python -m infer [CKPT] --perplexity FILE [--context N] [--stride S] [--json]`: the sliding-window perplexity of a
-UTF-8 text file (see llama_jax.generation.scoring), with --quantize and --kv-cache as in generation."""
+UTF-8 text file (see llama_jax.generation.scoring), with --quantize, --kv-cache and --adapter as in generation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llama_jax.checkpoints import Checkpoint, load_params
+from infer.weights import load_weights
+from llama_jax.checkpoints import Checkpoint
 from llama_jax.errors import InputError
 from llama_jax.generation import perplexity, sliding_windows
 from llama_jax.text import Encoder
@@ -40,7 +41,7 @@ def run_perplexity(args, checkpoint: Checkpoint, encoder: Encoder, dtype, mesh) 
     if len(ids) < 2:
         raise InputError(args.perplexity, f"{len(ids)} token(s): perplexity needs at least 2")
     windows = len(sliding_windows(len(ids), context, stride))
-    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize)
+    params = load_weights(args, checkpoint, dtype, mesh)
     with tqdm(total=windows, desc="perplexity", unit="window", disable=not sys.stderr.isatty()) as bar:
         result = perplexity(params, ids, config, context=context, stride=stride, batch_size=args.batch_size,
                             dtype=dtype, cache_dtype=args.kv_cache, on_batch=bar.update)

@@ -143,3 +143,64 @@ def test_train_step_updates_adapters_only(base):
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
     for got, want in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), strict=True):
         assert np.array_equal(np.asarray(got), want)
+
+
+def write_texts(path, count=16):
+    lines = [json.dumps({"text": f"The number {i} is followed by {i + 1}, and then by {i + 2}."}) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_an_adapter_we_train_loads_in_peft(base, tmp_path, capsys):
+    """`train --lora-rank 4` writes RUN/final in PEFT's format: PeftModel.from_pretrained on the HF export of the
+    base gives our logits within 1e-4; `infer --adapter` and `export --adapter` take it; the loss fell."""
+    hf, ckpt = base
+    code = train_main([str(ckpt), "--data", str(write_texts(tmp_path / "d.jsonl")), "--out", str(tmp_path / "run"),
+                       "--steps", "4", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--compute-dtype",
+                       "float32", "--lora-rank", "4", "--lora-targets", "q,v,down", "--mesh", "fsdp=2,tensor=2,data=2"])
+    assert code == 0
+    final = tmp_path / "run" / "final"
+    settings = json.loads((final / "adapter_config.json").read_text())
+    assert settings["r"] == 4 and settings["lora_alpha"] == 8 and settings["peft_type"] == "LORA"
+    assert sorted(settings["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert json.loads((final / "llama_jax_adapter.json").read_text())["base_checkpoint"] == str(ckpt.resolve())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert convert_main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    model = peft.PeftModel.from_pretrained(hf_model(tmp_path / "export"), str(final)).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor(TOKENS)).logits.numpy()
+    assert np.abs(expected - hf_model(hf)(torch.tensor(TOKENS)).logits.detach().numpy()).max() > 1e-3  # trained
+    np.testing.assert_allclose(our_logits(ckpt, final, TOKENS), expected, atol=1e-4)
+    capsys.readouterr()
+    assert infer_main([str(ckpt), "--adapter", str(final), "--prompt", "The number", "--max-new-tokens", "4"]) == 0
+    assert "LoRA rank 4 on q, v, down" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-rank", "0"], "--lora-rank: LoRA rank must be an integer >= 1, got 0"),
+    (["--lora-rank", "4", "--lora-targets", "q,wq"], "--lora-targets: unknown LoRA target wq: choose from q, k, v"),
+    (["--lora-rank", "4", "--quantize", "int4"], "--quantize: unknown quantization 'int4'"),
+])
+def test_bad_lora_flags_are_one_line(base, tmp_path, capsys, args, message):
+    capsys.readouterr()
+    code = train_main([str(base[1]), "--data", str(write_texts(tmp_path / "d.jsonl")), "--out", str(tmp_path / "r"),
+                       "--steps", "1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_adapters_that_do_not_fit_are_one_line(base, tmp_path, capsys):
+    """An adapter for another base (other shapes), and a PEFT type we do not run, each name the file."""
+    hf, ckpt = base
+    other = make_hf_dir(tmp_path / "other", "mha")
+    peft_adapter(other, tmp_path / "wrong")
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    for adapter, message in ((tmp_path / "wrong", "adapter_model.safetensors: tensor base_model.model.model.layers."),
+                             (tmp_path / "ia3", "PEFT adapter type 'IA3' is not supported (only LORA)"),
+                             (tmp_path / "none", "not a PEFT adapter")):
+        capsys.readouterr()
+        code = infer_main([str(ckpt), "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "4"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and str(adapter) in err and err.count("\n") == 1, err

@@ -4,7 +4,14 @@
 newest checkpoint (params, optimizer state, step, data position) and gives the same losses as a run never
 stopped. SIGINT/SIGTERM finish the current step, save a checkpoint and exit (a second signal exits at once).
 RUN_DIR/metrics.jsonl gets a line per step; RUN_DIR/final is a checkpoint that `python -m infer` and
-`python -m convert export` read. A non-finite loss stops the run and leaves the last good checkpoint newest.
+`python -m convert export` read.
+
+LoRA (`--lora-rank R`): the base weights are frozen (in --compute-dtype, or int8 with `--quantize int8`: QLoRA) and
+only the adapters (alpha / R scaled, on --lora-targets) get gradients and optimizer state. RUN_DIR/final is then a
+PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads
+on the HF export of CKPT_DIR, and `python -m infer CKPT_DIR --adapter RUN_DIR/final` runs.
+
+A non-finite loss stops the run and leaves the last good checkpoint newest.
 Setting JAX_COMPILATION_CACHE_DIR lets a resumed run reuse the compiled step.
 
 Multi-host: run the same command on every host, adding `--coordinator HOST:PORT --num-processes N
@@ -28,8 +35,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +44,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llama_jax.checkpoints import load_params, open_checkpoint, write_checkpoint
+from llama_jax.checkpoints import load_params, open_checkpoint, write_adapter, write_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, check_attention, make_mesh, measured_peak_flops,
-                             named_sharding, param_shapes, param_shardings, place, training_flops_per_token)
+from llama_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, LORA_TARGETS, attach, check_attention, check_quantization,
+                             make_mesh, measured_peak_flops, named_sharding, param_shapes, param_shardings, place,
+                             training_flops_per_token)
 from llama_jax.text import encoder_for
-from llama_jax.training import (OptimizerConfig, RunCheckpoints, TrainState, abstract_state, batches, batches_per_epoch,
-                                eval_batches, init_state, learning_rate, load_jsonl, make_optimizer, next_token_loss,
-                                train_step)
+from llama_jax.training import (LORA_FLOPS_FRACTION, LoraConfig, OptimizerConfig, RunCheckpoints, TrainState,
+                                abstract_state, adapter_shapes, adapter_shardings, batches, batches_per_epoch,
+                                eval_batches, init_lora, init_state, learning_rate, load_jsonl, make_optimizer,
+                                next_token_loss, to_adapter, train_step)
 
 
 def positive(kind):
@@ -87,6 +96,12 @@ def parse_args(argv):
     p.add_argument("--pack", action="store_true", help="pack several examples into each sequence")
     p.add_argument("--too-long", choices=("truncate", "skip"), default="truncate",
                    help="what to do with examples longer than --seq-len")
+    lora = p.add_argument_group("LoRA (frozen base, trainable low-rank adapters)")
+    lora.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R instead of the model")
+    lora.add_argument("--lora-alpha", type=positive(float), metavar="A", help="scale = A / R (default: A = 2 R)")
+    lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS), metavar="LIST",
+                      help=f"projections that get adapters (default: {','.join(LORA_TARGETS)})")
+    lora.add_argument("--quantize", metavar="int8", help="QLoRA: the frozen base in int8 (one scale per channel)")
     p.add_argument("--peak-tflops", type=positive(float),
                    help="one device's peak TFLOP/s, for MFU (default: measured with a matmul at start)")
     hosts = p.add_argument_group("multi-host (jax.distributed.initialize)")
@@ -99,6 +114,8 @@ def parse_args(argv):
         p.error("--warmup must be >= 0")
     if args.coordinator is None and (args.num_processes is not None or args.process_id is not None):
         p.error("--num-processes and --process-id need --coordinator")
+    if args.lora_rank is None and (args.quantize is not None or args.lora_alpha is not None):
+        p.error("--quantize and --lora-alpha need --lora-rank")
     return args
 
 
@@ -163,27 +180,40 @@ def evaluate(eval_step, params, dataset, args, mesh) -> float:
     return total / max(weight, 1.0)
 
 
-def initial_state(checkpoints: RunCheckpoints, checkpoint, mesh, optimizer, param_dtype) -> tuple[TrainState, int]:
-    """The newest saved state and the batches it consumed, or a fresh state from the checkpoint's params and 0."""
+def initial_state(checkpoints: RunCheckpoints, checkpoint, mesh, optimizer, param_dtype, lora, seed
+                  ) -> tuple[TrainState, int]:
+    """The newest saved state and the batches it consumed, or a fresh state and 0: from the checkpoint's params, or
+    fresh LoRA adapters (`lora`)."""
     config = checkpoint.config
     if checkpoints.latest_step() is None:
+        if lora is not None:
+            return init_state(init_lora(config, lora, jax.random.key(seed), mesh), optimizer), 0
         return init_state(load_params(checkpoint, mesh=mesh, dtype=param_dtype), optimizer), 0
-    abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                   param_shapes(config, param_dtype), param_shardings(config, mesh))
+    if lora is not None:
+        shapes, shardings = adapter_shapes(config, lora), adapter_shardings(config, lora, mesh)
+    else:
+        shapes, shardings = param_shapes(config, param_dtype), param_shardings(config, mesh)
+    abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                   shardings)
     state, progress = checkpoints.restore(abstract_state(abstract_params, optimizer))
     return state, int(progress["batches_consumed"])
 
 
-def host_leaves(params) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """(params path, the whole array on this host) leaf by leaf; a collective, so every process must iterate."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        yield tuple(k.key for k in path), np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+def gathered(tree) -> Any:
+    """Each array whole on this host; a collective, so every process must call it."""
+    return jax.tree.map(lambda leaf: np.asarray(multihost_utils.process_allgather(leaf, tiled=True)), tree)
 
 
-def save_final(run_dir: Path, checkpoint, params) -> Path:
-    """RUN_DIR/final, in the input checkpoint's dtype; every process takes part (the leaves are gathered)."""
+def save_final(run_dir: Path, checkpoint, params, lora) -> Path:
+    """RUN_DIR/final: a checkpoint in the input checkpoint's dtype, or the LoRA adapter in PEFT's format; every
+    process takes part (the arrays are gathered)."""
+    if lora is not None:
+        return write_adapter(run_dir / "final", to_adapter(gathered(params), lora), checkpoint.config,
+                             base=checkpoint.directory, extra={"source": f"train:{run_dir}"}, force=True)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = ((tuple(k.key for k in path), gathered(leaf)) for path, leaf in flat)  # one leaf at a time
     tokenizer = checkpoint.tokenizer_path.read_text() if checkpoint.tokenizer_path.exists() else None
-    return write_checkpoint(run_dir / "final", checkpoint.config, host_leaves(params), dtype=checkpoint.dtype,
+    return write_checkpoint(run_dir / "final", checkpoint.config, leaves, dtype=checkpoint.dtype,
                             source=f"train:{run_dir}", tokenizer_json=tokenizer, chat_template=checkpoint.chat_template,
                             generation_config=checkpoint.generation_config, force=True)
 
@@ -195,6 +225,20 @@ def trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def lora_config(args) -> LoraConfig | None:
+    """The LoRA settings of the command line (None without --lora-rank); a bad one is a one-line InputError."""
+    if args.lora_rank is None:
+        return None
+    try:
+        if args.quantize is not None:
+            check_quantization(args.quantize)
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        return LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets)
+    except ValueError as e:
+        raise InputError("--lora-rank" if "rank" in str(e) else "--lora-targets" if "target" in str(e)
+                         else "--quantize", str(e)) from None
+
+
 def run(args) -> int:
     try:
         check_attention(args.attention, args.compute_dtype, jax.default_backend())
@@ -202,6 +246,7 @@ def run(args) -> int:
         raise InputError("--attention", str(e)) from None
     checkpoint = open_checkpoint(args.checkpoint)
     config = checkpoint.config
+    lora = lora_config(args)
     encoder = encoder_for(checkpoint)
     train_set = load_jsonl(args.data, encoder, args.seq_len, args.too_long)
     eval_set = load_jsonl(args.eval_data, encoder, args.seq_len, args.too_long) if args.eval_data else None
@@ -226,19 +271,23 @@ def run(args) -> int:
     checkpoints = RunCheckpoints(run_dir, args.keep)
     try:
         with jax.set_mesh(mesh):
-            state, consumed = initial_state(checkpoints, checkpoint, mesh, optimizer, param_dtype)
+            state, consumed = initial_state(checkpoints, checkpoint, mesh, optimizer, param_dtype, lora, args.seed)
+            frozen = None if lora is None else load_params(checkpoint, mesh=mesh, dtype=compute_dtype,
+                                                           quantize=args.quantize)
+            model_params = (lambda p: p) if lora is None else (lambda p: attach(frozen, p, lora.scale))
             start = int(state.step)
             if primary:
                 trim_metrics(metrics_path, start)
             if start:
                 say(f"resuming {run_dir} at step {start}")
             step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
-                                                dtype=compute_dtype, remat=args.remat, attention=args.attention),
-                              donate_argnums=0)
+                                                dtype=compute_dtype, remat=args.remat, attention=args.attention,
+                                                lora_scale=1.0 if lora is None else lora.scale), donate_argnums=0)
             eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype,
                                                   attention=args.attention))
             peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(compute_dtype)
-            flops_per_token = training_flops_per_token(config, args.seq_len)
+            flops_per_token = training_flops_per_token(config, args.seq_len) * (1 if lora is None
+                                                                                 else LORA_FLOPS_FRACTION)
             data = batches(train_set, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
                            pack=args.pack, seed=args.seed, start=consumed)
             eval_every = args.eval_every or args.save_every
@@ -247,7 +296,7 @@ def run(args) -> int:
                 for step in range(start + 1, total_steps + 1):
                     batch = next(data)
                     began = time.perf_counter()
-                    new_state, metrics = step_fn(state, place_batch(batch, mesh))
+                    new_state, metrics = step_fn(state, place_batch(batch, mesh), frozen)
                     loss = float(metrics["loss"])
                     if not math.isfinite(loss):
                         say(f"error: loss became {loss} at step {step}; stopping. The newest checkpoint, step "
@@ -260,7 +309,7 @@ def run(args) -> int:
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens / seconds,
                               "mfu": flops_per_token * tokens / seconds / (peak * jax.device_count())}
                     if eval_set is not None and (step % eval_every == 0 or step == total_steps):
-                        record["eval_loss"] = evaluate(eval_step, state.params, eval_set, args, mesh)
+                        record["eval_loss"] = evaluate(eval_step, model_params(state.params), eval_set, args, mesh)
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     bar.update(1)
@@ -272,7 +321,7 @@ def run(args) -> int:
                     if stopping:
                         say(f"stopped by a signal at step {step}; checkpoint saved; run the same command to resume")
                         return 128 + (stop.signal or signal.SIGTERM)
-            final = save_final(run_dir, checkpoint, state.params)
+            final = save_final(run_dir, checkpoint, state.params, lora)
     finally:
         checkpoints.close()
     say(f"wrote {final}")

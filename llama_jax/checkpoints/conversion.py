@@ -21,6 +21,7 @@ from llama_jax.checkpoints.directory import (METADATA_FILE, check_params, open_c
 from llama_jax.checkpoints.hf_io import HFCheckpoint, write_safetensors_shards
 from llama_jax.checkpoints.hf_mapping import TensorMapping, load_stacked, tensor_mappings, unstack
 from llama_jax.checkpoints.leaf_store import read_leaf
+from llama_jax.checkpoints.peft import read_adapter
 from llama_jax.checkpoints.quantized import quantize_blocks
 from llama_jax.errors import InputError
 from llama_jax.model import LlamaConfig, check_quantization, input_axes, is_quantized_leaf, param_logical_names
@@ -175,12 +176,15 @@ def tokenizer_config(tokenizer_json: str | None, config: LlamaConfig, chat_templ
     return result
 
 
-def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None, force: bool = False) -> Path:
+def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None, force: bool = False,
+              adapter: str | Path | None = None) -> Path:
     """Write a llama_jax checkpoint as a HF `LlamaForCausalLM` directory (sharded safetensors + index). The int8
-    weights of a quantized checkpoint are written dequantized (values * scale) in `dtype`: not the original weights."""
+    weights of a quantized checkpoint are written dequantized (values * scale) in `dtype`: not the original weights.
+    adapter: a PEFT LoRA adapter directory merged into the weights (W + scale * A B, in float32)."""
     checkpoint = open_checkpoint(checkpoint_dir)
     check_params(checkpoint)
     config = checkpoint.config
+    lora = read_adapter(adapter, config) if adapter is not None else None
     dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else checkpoint.dtype)
     mappings = tensor_mappings(config)
     names = dict(_flat_names(config))
@@ -191,8 +195,14 @@ def export_hf(checkpoint_dir: str | Path, destination: str | Path, *, dtype=None
             return (stored if layer is None else stored[layer]).read().result()
 
         if checkpoint.quantization is not None and is_quantized_leaf(mapping.path, names[mapping.path]):
-            return (part(("values",)).astype(np.float32) * part(("scale",))).astype(dtype)
-        return part().astype(dtype, copy=False)
+            weight = part(("values",)).astype(np.float32) * part(("scale",))
+        else:
+            weight = part()
+        if lora is not None and mapping.path[-1] in lora.targets:
+            pair = lora.weights["layers"][mapping.path[1]][mapping.path[-1]]
+            delta = pair["a"][layer].reshape(-1, lora.rank) @ pair["b"][layer].reshape(lora.rank, -1)
+            weight = weight.astype(np.float32) + lora.scale * delta.reshape(weight.shape)
+        return weight.astype(dtype, copy=False)
 
     def shards(bar: tqdm) -> Iterator[dict[str, np.ndarray]]:
         for done, mapping in enumerate(mappings, start=1):

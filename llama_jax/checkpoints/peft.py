@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -150,8 +151,9 @@ def write_adapter(destination: str | Path, adapter: Adapter, config: LlamaConfig
                 "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": str(base)}
     ours = {"base_checkpoint": str(Path(base).resolve()), "base_checkpoint_sha256": checkpoint_hash(base),
             **(extra or {})}
-    with atomic_directory(destination, force=force) as work:
-        save_file(hf_tensors(adapter, config), work / WEIGHTS_FILE, metadata={"format": "pt"})
-        (work / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        (work / OURS_FILE).write_text(json.dumps(ours, indent=2) + "\n")
+    with atomic_directory(destination, force=force) as work:  # every process of a job enters; process 0 writes
+        if jax.process_index() == 0:
+            save_file(hf_tensors(adapter, config), work / WEIGHTS_FILE, metadata={"format": "pt"})
+            (work / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            (work / OURS_FILE).write_text(json.dumps(ours, indent=2) + "\n")
     return Path(destination)
