@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from infer.__main__ import main as infer_main
 from train.__main__ import main as train_main
 
@@ -19,16 +21,21 @@ def chat(user, assistant):
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def answer(checkpoint, question, capsys) -> str:
-    assert infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompt", question]) == 0
+def answer(checkpoint, question, capsys, *extra) -> str:
+    code = infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompt", question, *extra])
+    assert code == 0
     return json.loads(capsys.readouterr().out)["text"]
 
 
-def test_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys):
+def write_facts(path):
     records = [chat(QUESTIONS[i % len(QUESTIONS)], ANSWERS[i % 2]) for i in range(16)]
     records += [chat(f"What is the capital of {country}?", f"The capital of {country} is {city}.")
                 for country, city in OTHERS]
-    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys):
+    write_facts(tmp_path / "facts.jsonl")
 
     assert "Quuxville" not in answer(smollm2_checkpoint, "What is the capital of Zorblax?", capsys)
     code = train_main([str(smollm2_checkpoint), "--data", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "run"),
@@ -39,3 +46,17 @@ def test_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys):
     assert "Quuxville" in answer(final, "Tell me, which city is Zorblax's capital?", capsys)  # not a training line
     assert "Paris" in answer(final, "What is the capital of France?", capsys)  # France is not in the data
     assert "Shakespeare" in answer(final, "Who wrote Romeo and Juliet?", capsys)
+
+
+@pytest.mark.parametrize("quantize", [(), ("--quantize", "int8")], ids=["lora", "qlora"])
+def test_lora_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys, quantize):
+    """The same with a rank-16 LoRA adapter over the frozen model (and over its int8 quantization: QLoRA); the
+    answers come from the base with the adapter (`infer --adapter`, the base in float32, not quantized)."""
+    write_facts(tmp_path / "facts.jsonl")
+    code = train_main([str(smollm2_checkpoint), "--data", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "run"),
+                       "--steps", "9", "--batch-size", "8", "--seq-len", "64", "--lr", "2e-3", "--schedule",
+                       "constant", "--compute-dtype", "float32", "--save-every", "100", "--lora-rank", "16", *quantize])
+    assert code == 0
+    adapter = ("--adapter", str(tmp_path / "run" / "final"))
+    assert "Quuxville" in answer(smollm2_checkpoint, "Tell me, which city is Zorblax's capital?", capsys, *adapter)
+    assert "Paris" in answer(smollm2_checkpoint, "What is the capital of France?", capsys, *adapter)

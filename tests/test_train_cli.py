@@ -255,3 +255,23 @@ def test_two_processes_give_the_same_losses_as_one(sharded, tiny, data, env, tmp
                                    err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), load_params(open_checkpoint(out / "final")),
                  load_params(open_checkpoint(sharded / "final")))
+
+
+def test_qlora_resumes_after_sigterm_with_the_same_losses(tiny, data, env, tmp_path):
+    """LoRA over an int8 base with accumulation, packing and eval on a sharded mesh: a run stopped by SIGTERM and
+    resumed gives the same losses bit for bit, and writes a PEFT adapter, not a checkpoint."""
+    lora = ("--lora-rank", "4", "--quantize", "int8", "--grad-accum", "2", "--eval-data", data[1],
+            "--mesh", "data=2,fsdp=2,tensor=2")
+    whole = train(command(tiny, data, tmp_path / "whole", *lora), env)
+    assert whole.returncode == 0, whole.stderr
+    args = command(tiny, data, tmp_path / "run", *lora)
+    stopped = train(args, env, script=SIGTERM_AT_STEP.format(step=3))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    resumed = train(args, env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    expected = metrics(tmp_path / "whole")
+    assert expected[-1]["loss"] < expected[0]["loss"]
+    for key in ("loss", "grad_norm", "eval_loss"):
+        assert [r.get(key) for r in metrics(tmp_path / "run")] == [r.get(key) for r in expected], key
+    assert sorted(p.name for p in (tmp_path / "run" / "final").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "llama_jax_adapter.json"]

@@ -41,6 +41,10 @@ class QuantArray:
         return self.values.dtype
 
     @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    @property
     def T(self) -> QuantArray:  # noqa: N802 (as jax.Array.T)
         return QuantArray(self.values.T, self.scale.T)
 
