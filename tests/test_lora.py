@@ -181,6 +181,7 @@ def test_an_adapter_we_train_loads_in_peft(base, tmp_path, capsys):
     (["--lora-rank", "0"], "--lora-rank: LoRA rank must be an integer >= 1, got 0"),
     (["--lora-rank", "4", "--lora-targets", "q,wq"], "--lora-targets: unknown LoRA target wq: choose from q, k, v"),
     (["--lora-rank", "4", "--quantize", "int4"], "--quantize: unknown quantization 'int4'"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout: LoRA dropout must be in [0, 1), got 1.0"),
 ])
 def test_bad_lora_flags_are_one_line(base, tmp_path, capsys, args, message):
     capsys.readouterr()
@@ -204,3 +205,17 @@ def test_adapters_that_do_not_fit_are_one_line(base, tmp_path, capsys):
         code = infer_main([str(ckpt), "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "4"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and str(adapter) in err and err.count("\n") == 1, err
+
+
+def test_dropout_changes_the_gradient_and_is_recorded(base, tmp_path):
+    """--lora-dropout: the adapters' inputs are dropped out in training (another loss from step 2 on, as B moves),
+    and PEFT's lora_dropout records it; eval and inference do not drop anything."""
+    runs = {}
+    for dropout in ("0", "0.5"):
+        out = tmp_path / f"run{dropout}"
+        assert train_main([str(base[1]), "--data", str(write_texts(tmp_path / "d.jsonl")), "--out", str(out),
+                           "--steps", "3", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--compute-dtype",
+                           "float32", "--lora-rank", "4", "--lora-dropout", dropout]) == 0
+        runs[dropout] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == float(dropout)
+    assert runs["0"][0] == runs["0.5"][0] and runs["0"][2] != runs["0.5"][2]

@@ -98,6 +98,8 @@ def parse_args(argv):
     lora.add_argument("--lora-alpha", type=positive(float), metavar="A", help="scale = A / R (default: A = 2 R)")
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS), metavar="LIST",
                       help=f"projections that get adapters (default: {','.join(LORA_TARGETS)})")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                      help="dropout of the adapters' inputs in training (PEFT's lora_dropout)")
     lora.add_argument("--quantize", metavar="int8", help="QLoRA: the frozen base in int8 (one scale per channel)")
     p.add_argument("--peak-tflops", type=positive(float),
                    help="one device's peak TFLOP/s, for MFU (default: measured with a matmul at start)")
@@ -111,8 +113,8 @@ def parse_args(argv):
         p.error("--warmup must be >= 0")
     if args.coordinator is None and (args.num_processes is not None or args.process_id is not None):
         p.error("--num-processes and --process-id need --coordinator")
-    if args.lora_rank is None and (args.quantize is not None or args.lora_alpha is not None):
-        p.error("--quantize and --lora-alpha need --lora-rank")
+    if args.lora_rank is None and (args.quantize is not None or args.lora_alpha is not None or args.lora_dropout):
+        p.error("--quantize, --lora-alpha and --lora-dropout need --lora-rank")
     return args
 
 
@@ -227,7 +229,9 @@ def run(args) -> int:
                 say(f"resuming {run_dir} at step {start}")
             step_fn = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
                                                 dtype=compute_dtype, remat=args.remat, attention=args.attention,
-                                                lora_scale=1.0 if lora is None else lora.scale), donate_argnums=0)
+                                                lora_scale=1.0 if lora is None else lora.scale, seed=args.seed,
+                                                lora_dropout=0.0 if lora is None else lora.dropout),
+                              donate_argnums=0)
             eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype,
                                                   attention=args.attention))
             peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(compute_dtype)

@@ -55,15 +55,20 @@ def save_final(run_dir: Path, checkpoint, params, lora) -> Path:
                             generation_config=checkpoint.generation_config, force=True)
 
 
+LORA_FLAGS = {"rank": "--lora-rank", "target": "--lora-targets", "dropout": "--lora-dropout", "alpha": "--lora-alpha"}
+
+
 def lora_config(args) -> LoraConfig | None:
     """The LoRA settings of the command line (None without --lora-rank); a bad one is a one-line InputError."""
     if args.lora_rank is None:
         return None
-    try:
-        if args.quantize is not None:
+    if args.quantize is not None:
+        try:
             check_quantization(args.quantize)
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        return LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets)
+        except ValueError as e:
+            raise InputError("--quantize", str(e)) from None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    try:
+        return LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets, args.lora_dropout)
     except ValueError as e:
-        raise InputError("--lora-rank" if "rank" in str(e) else "--lora-targets" if "target" in str(e)
-                         else "--quantize", str(e)) from None
+        raise InputError(next(flag for word, flag in LORA_FLAGS.items() if word in str(e)), str(e)) from None

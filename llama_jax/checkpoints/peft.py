@@ -47,6 +47,7 @@ class Adapter:
     alpha: float
     targets: tuple[str, ...]
     rslora: bool = False
+    dropout: float = 0.0  # what it was trained with (PEFT's lora_dropout); no effect on inference
 
     @property
     def scale(self) -> float:
@@ -118,7 +119,8 @@ def read_adapter(directory: str | Path, config: LlamaConfig) -> Adapter:
             b[i] = lora_b.T.reshape(rank, *outputs)
         weights["layers"].setdefault(_group(target), {})[target] = {"a": a, "b": b}
     targets = tuple(t for t in LORA_TARGETS if t in found)
-    return Adapter(weights, rank, float(alpha), targets, bool(settings.get("use_rslora", False)))
+    return Adapter(weights, rank, float(alpha), targets, bool(settings.get("use_rslora", False)),
+                   float(settings.get("lora_dropout") or 0.0))
 
 
 def hf_tensors(adapter: Adapter, config: LlamaConfig) -> dict[str, np.ndarray]:
@@ -146,7 +148,8 @@ def write_adapter(destination: str | Path, adapter: Adapter, config: LlamaConfig
                   extra: dict[str, Any] | None = None, force: bool = False) -> Path:
     """Write `adapter` as a PEFT LoRA directory (atomically), recording the base checkpoint it was trained on."""
     settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
-                "lora_dropout": 0.0, "target_modules": [f"{t}_proj" for t in adapter.targets], "bias": "none",
+                "lora_dropout": adapter.dropout, "target_modules": [f"{t}_proj" for t in adapter.targets],
+                "bias": "none",
                 "use_rslora": adapter.rslora, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
                 "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": str(base)}
     ours = {"base_checkpoint": str(Path(base).resolve()), "base_checkpoint_sha256": checkpoint_hash(base),

@@ -23,12 +23,16 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @struct.dataclass
 class LoraWeight:
-    """base (frozen; first leaf, so Flax's param shape check sees it), a `[*in, rank]`, b `[rank, *out]`."""
+    """base (frozen; first leaf, so Flax's param shape check sees it), a `[*in, rank]`, b `[rank, *out]`; with
+    `dropout` > 0 and a `key` (raw key data `[..., 2]`, per layer when stacked), x is dropped out before a, as PEFT
+    does in training."""
 
     base: jax.Array | QuantArray
     a: jax.Array
     b: jax.Array
     scale: float = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    key: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,7 +48,7 @@ class LoraWeight:
         if tuple(shape[len(shape) - outputs:]) != tuple(self.base.shape[self.base.ndim - outputs:]):
             raise ValueError(f"cannot reshape a {self.shape} LoraWeight to {shape}")
         a = self.a.reshape(*shape[:len(shape) - outputs], self.a.shape[-1])
-        return LoraWeight(self.base.reshape(*shape), a, self.b, self.scale)
+        return self.replace(base=self.base.reshape(*shape), a=a)
 
 
 def low_rank(spec: str, x: jax.Array, w: LoraWeight) -> jax.Array:
@@ -55,6 +59,9 @@ def low_rank(spec: str, x: jax.Array, w: LoraWeight) -> jax.Array:
     contracted = "".join(c for c in w_axes if c in x_axes)
     kept = "".join(c for c in x_axes if c not in contracted)
     r = next(c for c in "rzyxwq" if c not in spec)
+    if w.dropout > 0 and w.key is not None:
+        keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1 - w.dropout, x.shape)
+        x = jnp.where(keep, x / (1 - w.dropout), 0).astype(x.dtype)
     h = jnp.einsum(f"{x_axes},{contracted}{r}->{kept}{r}", x, w.a, preferred_element_type=jnp.float32)
     h = jnp.einsum(f"{kept}{r},{r}{w_axes.replace(contracted, '')}->{out}", h.astype(x.dtype), w.b,
                    preferred_element_type=jnp.float32)
@@ -93,8 +100,23 @@ def init_adapters(shapes: Any, logical_names: Any, *, rank: int, targets: tuple[
     return adapters
 
 
-def attach(params: Any, adapters: Any, scale: float) -> Any:
-    """The params with each adapted weight replaced by `LoraWeight(weight, a, b, scale)`."""
-    if isinstance(adapters, dict) and set(adapters) == {"a", "b"}:
-        return LoraWeight(params, adapters["a"], adapters["b"], scale)
-    return {k: attach(v, adapters[k], scale) if k in adapters else v for k, v in params.items()}
+def attach(params: Any, adapters: Any, scale: float, *, dropout: float = 0.0, key: jax.Array | None = None) -> Any:
+    """The params with each adapted weight replaced by `LoraWeight(weight, a, b, scale)`; with `dropout` and a PRNG
+    `key`, each gets its own dropout key (one per layer for stacked weights)."""
+    flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
+                                                set(x) == {"a", "b"})[0]
+    result = dict(params)
+    for index, (path, pair) in enumerate(flat):
+        keys = tuple(k.key for k in path)
+        node = result
+        for k in keys[:-1]:
+            node[k] = dict(node[k])
+            node = node[k]
+        leaf_key = None
+        if dropout > 0 and key is not None:
+            leaf_key = jax.random.fold_in(key, index)
+            if keys[0] == "layers":
+                leaf_key = jax.random.split(leaf_key, pair["a"].shape[0])
+            leaf_key = jax.random.key_data(leaf_key)
+        node[keys[-1]] = LoraWeight(node[keys[-1]], pair["a"], pair["b"], scale, dropout, leaf_key)
+    return result

@@ -42,7 +42,7 @@ def cast(w: jax.Array | QuantArray | LoraWeight, dtype) -> jax.Array | QuantArra
     """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot); a LoRA
     weight's base as such and its factors in the compute dtype."""
     if isinstance(w, LoraWeight):
-        return LoraWeight(cast(w.base, dtype), w.a.astype(dtype), w.b.astype(dtype), w.scale)
+        return w.replace(base=cast(w.base, dtype), a=w.a.astype(dtype), b=w.b.astype(dtype))
     return w if isinstance(w, QuantArray) else w.astype(dtype)
 
 

@@ -19,17 +19,20 @@ from llama_jax.model import LORA_TARGETS, LlamaConfig, init_adapters, param_logi
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha (scale = alpha / r), the adapted projections (of LORA_TARGETS)."""
+    """rank r, alpha (scale = alpha / r), the adapted projections (of LORA_TARGETS), dropout of their inputs."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
         if not self.alpha > 0:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"unknown LoRA target {', '.join(unknown) or '(none given)'}: choose from "
@@ -61,7 +64,7 @@ def init_lora(config: LlamaConfig, lora: LoraConfig, rng: jax.Array, mesh: Mesh)
 def to_adapter(adapters: Any, lora: LoraConfig) -> Adapter:
     """Trained adapters (host arrays or jax arrays on this host) as a checkpoints.Adapter, ready to write."""
     return Adapter(jax.tree.map(lambda x: np.asarray(x, np.float32), adapters), lora.rank, float(lora.alpha),
-                   tuple(t for t in LORA_TARGETS if t in lora.targets))
+                   tuple(t for t in LORA_TARGETS if t in lora.targets), dropout=lora.dropout)
 
 
 # A LoRA step's share of a full fine-tune's matmul FLOPs: the forward and the activation gradients (4 of 6 per

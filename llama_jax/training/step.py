@@ -95,28 +95,31 @@ def abstract_state(params: Any, optimizer: optax.GradientTransformation) -> Trai
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, config: LlamaConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, dtype=jnp.bfloat16,
-               remat: Remat = "none", attention: str = "xla", lora_scale: float = 1.0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               remat: Remat = "none", attention: str = "xla", lora_scale: float = 1.0, lora_dropout: float = 0.0,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum` micro-batches: batch arrays are `[accum, micro_batch, seq]`.
 
     Gradients are summed over micro-batches and divided by the total target weight, so the update equals the
     one for the whole batch at once. dtype, remat, attention: as `forward`. Metrics: loss, grad_norm (before
     clipping), lr, tokens (targets counted).
     frozen: None (state.params are the model's params), or the frozen base params; then state.params are LoRA
-    adapters (`init_adapters`' tree) attached to it with `lora_scale`, and only they are differentiated.
+    adapters (`init_adapters`' tree) attached to it with `lora_scale`, and only they are differentiated;
+    `lora_dropout` drops their inputs out with keys from (seed, step, micro-batch), so a resumed run repeats them.
     """
     def micro(carry, micro_batch):
-        grad_sum, loss_sum, weight = carry
+        grad_sum, loss_sum, weight, index = carry
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step), index)
         def summed(params):
-            params = params if frozen is None else attach(frozen, params, lora_scale)
+            if frozen is not None:
+                params = attach(frozen, params, lora_scale, dropout=lora_dropout, key=key)
             _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention)
             return aux["loss_sum"], aux["weight"]
         (micro_loss, micro_weight), grads = jax.value_and_grad(summed, has_aux=True)(state.params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (grad_sum, loss_sum + micro_loss, weight + micro_weight), None
+        return (grad_sum, loss_sum + micro_loss, weight + micro_weight, index + 1), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grad_sum, loss_sum, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    (grad_sum, loss_sum, weight, _), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0), batch)
     denominator = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
