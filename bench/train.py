@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.training import OptimizerConfig, init_state, learning_rate, make_optimizer, train_step
+from llama_jax.model import LORA_TARGETS, init_adapters, param_logical_names
+from llama_jax.training import LoraConfig, OptimizerConfig, init_state, learning_rate, make_optimizer, train_step
 
 OPTIMIZER = OptimizerConfig(total_steps=1000, lr=1e-5, warmup=0, schedule="constant")
 
@@ -23,24 +24,32 @@ def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.
 
 
 class OurTrainStep:
-    """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute."""
+    """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute.
+    With `lora`: the params are the frozen base (cast to `dtype`, as `train --lora-rank` keeps it) and the state
+    holds fresh adapters."""
 
     def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
-                 attention: str = "xla", copy_params: bool = True):
+                 attention: str = "xla", copy_params: bool = True, lora: LoraConfig | None = None):
         optimizer = make_optimizer(OPTIMIZER)
         tokens = token_batch(config.vocab_size, batch, seq_len)
         mask = np.ones_like(tokens, np.float32)
         mask[:, 0] = 0
         self.batch = {"tokens": jnp.asarray(tokens)[None], "loss_mask": jnp.asarray(mask)[None]}  # accum = 1
         self.tokens = batch * seq_len
-        # the step donates the state: train a copy unless the caller hands the params over
-        self.state = init_state(jax.tree.map(jnp.copy, params) if copy_params else params, optimizer)
+        if lora is None:  # the step donates the state: train a copy unless the caller hands the params over
+            self.frozen = None
+            self.state = init_state(jax.tree.map(jnp.copy, params) if copy_params else params, optimizer)
+        else:
+            self.frozen = jax.tree.map(lambda p: p.astype(dtype), params)
+            adapters = init_adapters(params, param_logical_names(config), rank=lora.rank, targets=lora.targets,
+                                     rng=jax.random.key(0))
+            self.state = init_state(adapters, optimizer)
         step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
                                          schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat,
-                                         attention=attention),
+                                         attention=attention, lora_scale=1.0 if lora is None else lora.scale),
                        donate_argnums=0)
         start = time.perf_counter()
-        self.step = step.lower(self.state, self.batch).compile()
+        self.step = step.lower(self.state, self.batch, self.frozen).compile()
         self.compile_s = time.perf_counter() - start
         start = time.perf_counter()
         self()
@@ -48,7 +57,7 @@ class OurTrainStep:
 
     def __call__(self) -> dict:
         start = time.perf_counter()
-        self.state, metrics = self.step(self.state, self.batch)
+        self.state, metrics = self.step(self.state, self.batch, self.frozen)
         loss = float(metrics["loss"])  # waits for the step
         seconds = time.perf_counter() - start
         assert np.isfinite(loss), loss
@@ -62,14 +71,21 @@ class PeerTrainStep:
     counterpart of our float32 params with bfloat16 compute.
     """
 
-    def __init__(self, model, *, dtype: str, batch: int, seq_len: int, vocab_size: int):
+    def __init__(self, model, *, dtype: str, batch: int, seq_len: int, vocab_size: int, lora_rank: int | None = None):
         import torch
 
+        if lora_rank is not None:  # PEFT LoRA on the seven projections, alpha = 2 r, as `train --lora-rank`
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                               target_modules=[f"{t}_proj" for t in LORA_TARGETS]))
         self.torch, self.model = torch, model.train()
         self.autocast = dtype == "bfloat16"
         self.ids = torch.from_numpy(token_batch(vocab_size, batch, seq_len)).long()
         self.tokens = batch * seq_len
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.lr, betas=(OPTIMIZER.b1, OPTIMIZER.b2),
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.parameters = trainable
+        self.optimizer = torch.optim.AdamW(trainable, lr=OPTIMIZER.lr, betas=(OPTIMIZER.b1, OPTIMIZER.b2),
                                            eps=OPTIMIZER.eps, weight_decay=OPTIMIZER.weight_decay)
         self.compile_s = 0.0
         start = time.perf_counter()
@@ -82,7 +98,7 @@ class PeerTrainStep:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIMIZER.clip)
+        torch.nn.utils.clip_grad_norm_(self.parameters, OPTIMIZER.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
@@ -90,7 +106,8 @@ class PeerTrainStep:
         return {"step_s": seconds, "tokens_per_s": self.tokens / seconds, "loss": value}
 
 
-def peer_train_runs(*, dtype: str, batch: int, seq_len: int, steps: int, threads: int) -> list[dict]:
+def peer_train_runs(*, dtype: str, batch: int, seq_len: int, steps: int, threads: int, lora_rank: int | None = None
+                    ) -> list[dict]:
     """`steps` timed PeerTrainStep calls (after one warm-up) in a fresh child process, on `threads` torch threads.
 
     A child because the two frameworks slow each other down inside one process: after a torch training step XLA's
@@ -104,7 +121,7 @@ def peer_train_runs(*, dtype: str, batch: int, seq_len: int, steps: int, threads
     code = ("import json, sys, torch; from bench.cpu import peer_model; from bench.train import PeerTrainStep; "
             f"torch.set_num_threads({threads}); model = peer_model(); "
             f"step = PeerTrainStep(model, dtype={dtype!r}, batch={batch}, seq_len={seq_len}, "
-            "vocab_size=model.config.vocab_size); "
+            f"vocab_size=model.config.vocab_size, lora_rank={lora_rank}); "
             f"print(json.dumps([step() for _ in range({steps})]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
