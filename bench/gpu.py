@@ -7,7 +7,8 @@
              (bandwidth of a 4 GiB in-place device copy) and the bf16 peak (an 8192^3 matmul)
   training   Llama-3.2-1B and 3B full fine-tuning steps (float32 params and AdamW, bfloat16 compute) for each
              --remat policy with attention "xla", then with "cudnn" under the faster policy: tokens/s and MFU; a
-             step that runs out of memory is reported as such
+             step that runs out of memory is reported as such; then a Llama-3-8B LoRA step (rank 16, frozen
+             bfloat16 base, 1 x 2048, remat full; MFU counts 4/6 of a full step's FLOPs)
   attention  whether jax.nn.dot_product_attention(implementation="cudnn") runs here, and how far the 8B model's
              logits with attention "cudnn" are from those with "xla" (KL divergence, max abs difference)
 
@@ -35,6 +36,7 @@ from bench.decode import OurGenerate, random_prompts
 from bench.train import OurTrainStep
 from llama_jax import forward, init_params, preset
 from llama_jax.model import param_logical_names, quantize_tree
+from llama_jax.training import LORA_FLOPS_FRACTION, LoraConfig
 
 DECODE_MODEL = "llama3-8b"
 BATCHES = (1, 8, 64)
@@ -42,6 +44,7 @@ PROMPT = 128
 LONG_PROMPT = 2048
 CHECK_PROMPT = 512  # tokens of the cudnn-against-xla logits check
 TRAIN = {"llama3.2-1b": (8, 2048), "llama3.2-3b": (2, 2048)}  # preset: (batch, seq_len); 3B fp32 AdamW needs ~80 GB
+LORA_TRAIN = ("llama3-8b", 1, 2048, LoraConfig(16, 32.0))  # a LoRA step on the seed's model: frozen bfloat16 base
 
 
 def log(message: str) -> None:
@@ -66,6 +69,9 @@ def plan(args) -> str:
         rows.append([name, f"train {batch} x {seq}, remat {args.remat} (xla), then cudnn",
                      f"~{16 * params / GB:.0f} GB params+grads+Adam (fp32)",
                      f"{roofline.train_flops(c, batch, seq) / 1e12:.1f} TFLOP/step"])
+    name, batch, seq, lora = LORA_TRAIN
+    rows.append([name, f"LoRA r{lora.rank} train {batch} x {seq}, remat full (xla)", "~16 GB bfloat16 base",
+                 f"{roofline.train_flops(preset(name), batch, seq) * LORA_FLOPS_FRACTION / 1e12:.1f} TFLOP/step"])
     return md_table(["model", "run", "memory", "work"], rows)
 
 
@@ -202,14 +208,33 @@ def _train_rows(args, limits, steps, impls, deadline, save: Callable[[list[dict]
                 row["error"] = failure(e)
             save(rows)
             gc.collect()
+    name, batch, seq, lora = LORA_TRAIN
+    log(f"{name} LoRA rank {lora.rank} step, remat full, {batch} x {seq}")
+    flops = roofline.train_flops(preset(name), batch, seq) * LORA_FLOPS_FRACTION
+    row = {"model": f"{name} LoRA r{lora.rank}", "dtype": "bfloat16", "batch": batch, "seq_len": seq, "remat": "full",
+           "attention": "xla", "flops": flops}
+    rows.append(row)
+    if _out_of_time(deadline):
+        row["error"] = SKIPPED
+        return rows
+    try:
+        row.update(_time_train_step(preset(name), batch, seq, "full", "xla", steps, lora=lora))
+        row.update(ours_tok_s=batch * seq / row["ours_step_s"],
+                   ours_mfu=roofline.mfu(flops, row["ours_step_s"], limits["peak"]["bfloat16"]))
+    except Exception as e:  # noqa: BLE001 - as above
+        row["error"] = failure(e)
+    save(rows)
     return rows
 
 
-def _time_train_step(config, batch: int, seq: int, remat: str, attention: str, steps: int) -> dict:
-    """One OurTrainStep on fresh random params, timed `steps` times. A function of its own, so that the model and
-    optimizer state are freed when it returns or raises (before the next run allocates its own)."""
-    ours = OurTrainStep(init_params(config, jax.random.key(1), dtype=jnp.float32), config, dtype=jnp.bfloat16,
-                        batch=batch, seq_len=seq, remat=remat, attention=attention, copy_params=False)
+def _time_train_step(config, batch: int, seq: int, remat: str, attention: str, steps: int,
+                     lora: LoraConfig | None = None) -> dict:
+    """One OurTrainStep on fresh random params (float32; bfloat16 for a LoRA base), timed `steps` times. A
+    function of its own, so that the model and optimizer state are freed when it returns or raises (before the
+    next run allocates its own)."""
+    params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
+    ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=batch, seq_len=seq, remat=remat,
+                        attention=attention, copy_params=False, lora=lora)
     runs = interleave({"ours": ours}, steps)["ours"]
     return {"compile_s": ours.compile_s, "runs": runs, "ours_loss": runs[0]["loss"],
             "ours_step_s": best([r["step_s"] for r in runs], higher_is_better=False)}

@@ -154,7 +154,7 @@ def gpu_targets(results: dict) -> list[str]:
               f"{r['ours_tok_s'] / r['limit_tok_s']:.0%} ({r['model']}) — "
               f"{_mark(r['ours_tok_s'] / r['limit_tok_s'] >= TARGET_GPU_ROOFLINE)}")
              for r in results.get("decode", []) if r["batch"] == 1 and r["dtype"] == "bfloat16"]
-    for model in dict.fromkeys(r["model"] for r in results.get("train", [])):
+    for model in dict.fromkeys(r["model"] for r in results.get("train", []) if "LoRA" not in r["model"]):
         done = [r for r in results["train"] if r["model"] == model and "ours_mfu" in r]
         if not done:
             lines.append(f"- target, {model} full fine-tuning >= {TARGET_GPU_MFU:.0%} MFU: no step ran — MISSED")
