@@ -45,11 +45,13 @@ from tqdm import tqdm
 
 from llama_jax.checkpoints import load_params, open_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, LORA_TARGETS, attach, check_attention, make_mesh,
-                             measured_peak_flops, named_sharding, place, training_flops_per_token)
+from llama_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, LORA_TARGETS, check_attention, make_mesh,
+                             measured_peak_flops, named_sharding, narrow_weight_options, place,
+                             training_flops_per_token)
 from llama_jax.text import encoder_for
-from llama_jax.training import (LORA_FLOPS_FRACTION, OptimizerConfig, RunCheckpoints, batches, batches_per_epoch,
-                                eval_batches, learning_rate, load_jsonl, make_optimizer, next_token_loss, train_step)
+from llama_jax.training import (LORA_FLOPS_FRACTION, OptimizerConfig, RunCheckpoints, attach_adapters, batches,
+                                batches_per_epoch, eval_batches, learning_rate, load_jsonl, make_optimizer,
+                                next_token_loss, train_step)
 from train.state import initial_state, lora_config, save_final
 
 
@@ -219,9 +221,10 @@ def run(args) -> int:
     try:
         with jax.set_mesh(mesh):
             state, consumed = initial_state(checkpoints, checkpoint, mesh, optimizer, param_dtype, lora, args.seed)
+            # A LoRA base is read per layer (one copy of the weights; int8 quantized layer by layer).
             frozen = None if lora is None else load_params(checkpoint, mesh=mesh, dtype=compute_dtype,
-                                                           quantize=args.quantize)
-            model_params = (lambda p: p) if lora is None else (lambda p: attach(frozen, p, lora.scale))
+                                                           quantize=args.quantize, per_layer=True)
+            model_params = (lambda p: p) if lora is None else (lambda p: attach_adapters(frozen, p, lora.scale))
             start = int(state.step)
             if primary:
                 trim_metrics(metrics_path, start)
@@ -231,7 +234,7 @@ def run(args) -> int:
                                                 dtype=compute_dtype, remat=args.remat, attention=args.attention,
                                                 lora_scale=1.0 if lora is None else lora.scale, seed=args.seed,
                                                 lora_dropout=0.0 if lora is None else lora.dropout),
-                              donate_argnums=0)
+                              donate_argnums=0, compiler_options={} if lora is None else narrow_weight_options(frozen))
             eval_step = jax.jit(functools.partial(eval_sums, config=config, dtype=compute_dtype,
                                                   attention=args.attention))
             peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(compute_dtype)

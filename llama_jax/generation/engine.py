@@ -28,15 +28,10 @@ import numpy as np
 from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
 from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, forward, init_cache, named_sharding,
                              param_logical_names, tree_shardings, unstack_layers)
+from llama_jax.model import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_options  # a global here: a test swaps it
 
 MIN_BUCKET = 16
 EMPTY = -1  # what a finished row emits on device; never returned
-# XLA:CPU multiplies by a weight narrower than float32 (bfloat16, int8) by converting it to float32 first.
-# Left alone it hoists those conversions out of the decode loop and schedules them all up front: a float32 copy of
-# every weight, twice the bfloat16 weights' bytes (32 GB for an 8B model). These options keep one conversion alive
-# at a time, at the price of converting every step.
-CPU_NARROW_WEIGHT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-                             "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def enable_compilation_cache(path: str | Path) -> None:
@@ -170,10 +165,7 @@ class Engine:
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if stacked else params
         self._executables: dict[Any, Any] = {}
-        leaves = jax.tree.leaves(self.params)
-        narrow = any(leaf.dtype.itemsize < 4 for leaf in leaves)
-        on_cpu = all(device.platform == "cpu" for device in leaves[0].devices())
-        self._compiler_options = CPU_NARROW_WEIGHT_OPTIONS if narrow and on_cpu else {}
+        self._compiler_options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(self.params) else {}
 
     def _sharding(self, names, shape):
         return None if self.mesh is None else named_sharding(self.mesh, names, shape)

@@ -15,13 +15,14 @@ from llama_jax.model.quant import (QUANTIZATIONS, QuantArray, check_quantization
                                    quantize, quantize_tree)
 from llama_jax.model.rope import inverse_frequencies
 from llama_jax.model.sharding import MESH_AXES, make_mesh, named_sharding, place, tree_shardings
-from llama_jax.model.weights import project
+from llama_jax.model.weights import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_options, project
 
 __all__ = [
-    "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "KVCache", "LORA_TARGETS", "LlamaConfig", "LoraWeight",
-    "MESH_AXES", "PRESETS", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat", "RopeScaling", "attach",
-    "check_attention", "check_quantization", "forward", "forward_flops_per_token", "init_adapters", "init_cache",
-    "init_params", "input_axes", "inverse_frequencies", "is_quantized_leaf", "make_mesh", "matmul_params",
-    "measured_peak_flops", "named_sharding", "param_logical_names", "param_shapes", "param_shardings", "place",
-    "preset", "project", "quantize", "quantize_tree", "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "CPU_NARROW_WEIGHT_OPTIONS", "KVCache", "LORA_TARGETS",
+    "LlamaConfig", "LoraWeight", "MESH_AXES", "PRESETS", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat",
+    "RopeScaling", "attach", "check_attention", "check_quantization", "forward", "forward_flops_per_token",
+    "init_adapters", "init_cache", "init_params", "input_axes", "inverse_frequencies", "is_quantized_leaf",
+    "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding", "narrow_weight_options",
+    "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "quantize",
+    "quantize_tree", "training_flops_per_token", "tree_shardings", "unstack_layers",
 ]

@@ -10,6 +10,20 @@ from llama_jax.model.lora import LoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
 
 INIT = nn.initializers.normal(0.02)
+# XLA:CPU multiplies by a weight narrower than float32 (bfloat16, int8) by converting it to float32 first.
+# Left alone it hoists those conversions out of loops and schedules them all up front: a float32 copy of every
+# weight, twice the bfloat16 weights' bytes (32 GB for an 8B model). These compile options keep one conversion
+# alive at a time, at the price of converting at every use (the Engine and a LoRA step over a narrow base use them).
+CPU_NARROW_WEIGHT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                             "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def narrow_weight_options(params) -> dict:
+    """CPU_NARROW_WEIGHT_OPTIONS when `params` live on a CPU and some are narrower than float32; else none."""
+    leaves = jax.tree.leaves(params)
+    narrow = any(leaf.dtype.itemsize < 4 for leaf in leaves)
+    on_cpu = all(device.platform == "cpu" for device in leaves[0].devices())
+    return CPU_NARROW_WEIGHT_OPTIONS if narrow and on_cpu else {}
 
 
 def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight, out_dtype=None) -> jax.Array:

@@ -14,7 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.checkpoints import Adapter
-from llama_jax.model import LORA_TARGETS, LlamaConfig, init_adapters, param_logical_names, param_shapes
+from llama_jax.model import (LORA_TARGETS, LlamaConfig, attach, init_adapters, param_logical_names, param_shapes,
+                             unstack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,12 @@ def init_lora(config: LlamaConfig, lora: LoraConfig, rng: jax.Array, mesh: Mesh)
     make = lambda r: init_adapters(param_shapes(config), param_logical_names(config), rank=lora.rank,  # noqa: E731
                                    targets=lora.targets, rng=r)
     return jax.jit(make, out_shardings=adapter_shardings(config, lora, mesh))(rng)
+
+
+def attach_adapters(frozen: Any, adapters: Any, scale: float, **dropout) -> Any:
+    """`model.attach` of the (stacked) adapters to a frozen base that is stacked or per layer (`load_params(...,
+    per_layer=True)`: then the adapters are split per layer too); `dropout`: attach's dropout and key."""
+    return attach(frozen, adapters if "layers" in frozen else unstack_layers(adapters), scale, **dropout)
 
 
 def to_adapter(adapters: Any, lora: LoraConfig) -> Adapter:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.model import LlamaConfig, Remat, attach
+from llama_jax.model import LlamaConfig, Remat
+from llama_jax.training.lora import attach_adapters
 from llama_jax.training.loss import next_token_loss
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -102,8 +103,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
     Gradients are summed over micro-batches and divided by the total target weight, so the update equals the
     one for the whole batch at once. dtype, remat, attention: as `forward`. Metrics: loss, grad_norm (before
     clipping), lr, tokens (targets counted).
-    frozen: None (state.params are the model's params), or the frozen base params; then state.params are LoRA
-    adapters (`init_adapters`' tree) attached to it with `lora_scale`, and only they are differentiated;
+    frozen: None (state.params are the model's params), or the frozen base params (stacked, or per layer as
+    `load_params(per_layer=True)` reads them: one copy, no stacked one); then state.params are LoRA adapters
+    (`init_adapters`' stacked tree) attached to it with `lora_scale`, and only they are differentiated;
     `lora_dropout` drops their inputs out with keys from (seed, step, micro-batch), so a resumed run repeats them.
     """
     def micro(carry, micro_batch):
@@ -111,7 +113,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step), index)
         def summed(params):
             if frozen is not None:
-                params = attach(frozen, params, lora_scale, dropout=lora_dropout, key=key)
+                params = attach_adapters(frozen, params, lora_scale, dropout=lora_dropout, key=key)
             _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention)
             return aux["loss_sum"], aux["weight"]
         (micro_loss, micro_weight), grads = jax.value_and_grad(summed, has_aux=True)(state.params)
