@@ -92,8 +92,9 @@ class Llama(nn.Module):
             mask = attention_mask(segment_ids, segment_ids, 0)
 
         layer = DecoderLayer
-        if self.remat != "none":
-            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        if self.remat != "none":  # CSE is harmless inside a scan; unrolled, it would merge the recomputation with
+            # the forward and keep what remat is meant to drop (e.g. every layer's converted int8 weights)
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         carry, layer_args = (x, kv), (positions, mask, offset)
         if self.scan_layers:
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
