@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.model import LORA_TARGETS, init_adapters, param_logical_names
+from llama_jax.model import LORA_TARGETS, init_adapters, param_logical_names, unstack_layers
 from llama_jax.training import LoraConfig, OptimizerConfig, init_state, learning_rate, make_optimizer, train_step
 
 OPTIMIZER = OptimizerConfig(total_steps=1000, lr=1e-5, warmup=0, schedule="constant")
@@ -25,8 +25,8 @@ def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.
 
 class OurTrainStep:
     """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute.
-    With `lora`: the params are the frozen base (cast to `dtype`, as `train --lora-rank` keeps it) and the state
-    holds fresh adapters."""
+    With `lora`: the params are the frozen base (cast to `dtype` and split per layer, as `train --lora-rank` keeps
+    it) and the state holds fresh adapters."""
 
     def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
                  attention: str = "xla", copy_params: bool = True, lora: LoraConfig | None = None):
@@ -40,7 +40,7 @@ class OurTrainStep:
             self.frozen = None
             self.state = init_state(jax.tree.map(jnp.copy, params) if copy_params else params, optimizer)
         else:
-            self.frozen = jax.tree.map(lambda p: p.astype(dtype), params)
+            self.frozen = unstack_layers(jax.tree.map(lambda p: p.astype(dtype), params))  # per layer, as train does
             adapters = init_adapters(params, param_logical_names(config), rank=lora.rank, targets=lora.targets,
                                      rng=jax.random.key(0))
             self.state = init_state(adapters, optimizer)

@@ -48,7 +48,8 @@ def measure(args) -> int:
             result = run_child(command, min_available=GIB)
             status = f"killed: {result['killed']}" if result["killed"] else str(result["rc"])
             metrics = Path(work) / name.split()[0] / "metrics.jsonl"
-            loss = json.loads(metrics.read_text().splitlines()[0])["loss"] if metrics.exists() else float("nan")
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            loss = json.loads(lines[0])["loss"] if lines else float("nan")
             print(f"| {name} | {status} | {result['maxrss'] / GIB:.2f} | {base / GIB:.2f} | "
                   f"{result['maxrss'] / base:.3f} | {result['wall']:.0f} | {loss:.4f} |", flush=True)
             if result["rc"] != 0 and not result["killed"]:

@@ -184,15 +184,3 @@ def test_convert_gguf_quantized_and_a_bad_quantization(tmp_path, capsys):
     assert code == 2 and out == "" and err == "error: unknown quantization 'int4': choose from int8\n"
     assert not list(tmp_path.glob("*int4*"))
 
-
-def test_int8_projection_gradient_is_the_plain_formulas():
-    """The custom gradient of an int8 projection (it converts the weight again rather than saving the converted
-    copy) equals autodiff of einsum(x, values) * scale, for x; the int8 weight gets none."""
-    from llama_jax.model import project
-
-    w = quantize(jax.random.normal(jax.random.key(0), (64, 4, 8)), (0,))
-    x = jax.random.normal(jax.random.key(1), (2, 3, 64))
-    ours = jax.grad(lambda x: (project("bse,ehd->bshd", x, w) ** 2).sum())(x)
-    plain = jax.grad(lambda x: ((jnp.einsum("bse,ehd->bshd", x, w.values.astype(jnp.float32))
-                                 * w.output_scale) ** 2).sum())(x)
-    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))

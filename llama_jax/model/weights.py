@@ -2,12 +2,9 @@
 two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike, and
 with or without a LoRA adapter (`lora`)."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llama_jax.model.lora import LoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
@@ -42,35 +39,9 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight, out
     if isinstance(w, LoraWeight):
         return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
-        return int8_einsum(spec, x, w.values, w.output_scale).astype(out_dtype)
+        out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (out * w.output_scale).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def int8_einsum(spec: str, x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """`einsum(spec, x, values) * scale` in float32, values int8 converted to x's dtype inside the dot.
-
-    Its gradient (for x only: int8 weights are frozen) converts the weight again instead of keeping the converted
-    copy from the forward: as a plain function, autodiff would save every layer's converted weight for the backward
-    pass (a bfloat16 copy of the model beside the int8 one, remat or not).
-    """
-    return jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32) * scale
-
-
-def _int8_forward(spec, x, values, scale):
-    return int8_einsum(spec, x, values, scale), (values, scale, jnp.zeros((), x.dtype))
-
-
-def _int8_backward(spec, residuals, grad):
-    values, scale, like = residuals
-    inputs, out = spec.split("->")
-    x_axes, w_axes = inputs.split(",")
-    dx = jnp.einsum(f"{out},{w_axes}->{x_axes}", (grad * scale).astype(like.dtype), values.astype(like.dtype),
-                    preferred_element_type=jnp.float32)
-    return dx.astype(like.dtype), np.zeros(values.shape, jax.dtypes.float0), jnp.zeros_like(scale)
-
-
-int8_einsum.defvjp(_int8_forward, _int8_backward)
 
 
 def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array:
