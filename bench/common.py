@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,13 @@ The CPU suite also times the converter, as the section above describes, in the s
 2026-11-24 08:00 UTC on).
 Newest entry last.
 """
+
+
+def logger(suite: str) -> Callable[[str], None]:
+    """A function printing "[bench SUITE HH:MM:SS] message" lines to stderr (progress, apart from the results)."""
+    def log(message: str) -> None:
+        print(f"[bench {suite} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    return log
 
 
 def timed(fn: Callable[[], object]) -> float:

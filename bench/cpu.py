@@ -42,6 +42,12 @@ def checkpoints(cache_dir: Path) -> dict[str, Path]:
     return {dtype: smollm2_checkpoint(cache_dir, dtype, announce=log) for dtype in DTYPES}
 
 
+def smollm2(cache_dir: Path):
+    """(checkpoints by dtype, config) of SmolLM2-135M-Instruct, converted on first use."""
+    dirs = checkpoints(cache_dir)
+    return dirs, open_checkpoint(dirs["float32"]).config
+
+
 def peer_model():
     """transformers' LlamaForCausalLM from the same GGUF (dequantized to float32), as tests/conftest.py loads it."""
     import torch

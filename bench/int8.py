@@ -13,14 +13,12 @@ parameter; Q8_0 1.0625; plus the KV cache at the mean context).
 from __future__ import annotations
 
 import gc
-import sys
-import time
 
 import jax.numpy as jnp
 
 from bench import roofline
-from bench.common import best, interleave
-from bench.cpu import checkpoints
+from bench.common import best, interleave, logger
+from bench.cpu import smollm2
 from bench.decode import OurGenerate
 from bench.llama_cpp_peer import GGUF_TYPES, LlamaCppGenerate, write_gguf
 from llama_jax.checkpoints import load_params, open_checkpoint, smollm2_gguf_path
@@ -30,14 +28,12 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "llama.cpp F32"
 PROMPT_LEN = 128
 
 
-def log(message: str) -> None:
-    print(f"[bench int8 {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("int8")
 
 
 def run(args, limits: dict) -> dict:
     rounds = 2 if args.quick else 3
-    dirs = checkpoints(args.cache_dir)
-    config = open_checkpoint(dirs["float32"]).config
+    dirs, config = smollm2(args.cache_dir)
     ggufs = {q: write_gguf(smollm2_gguf_path(), args.cache_dir / f"smollm2-135m-instruct-{q}.gguf", q)
              for q in GGUF_TYPES}
     params = {"float32": load_params(open_checkpoint(dirs["float32"])),

@@ -12,14 +12,12 @@ peak; a LoRA step counts 4/6 of a full step's matmul FLOPs (no weight gradients 
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import jax.numpy as jnp
 
 from bench import roofline
-from bench.common import best, interleave
-from bench.cpu import checkpoints
+from bench.common import best, interleave, logger
+from bench.cpu import smollm2
 from bench.train import OurTrainStep, peer_train_runs
 from llama_jax.checkpoints import load_params, open_checkpoint
 from llama_jax.training import LORA_FLOPS_FRACTION, LoraConfig
@@ -27,14 +25,12 @@ from llama_jax.training import LORA_FLOPS_FRACTION, LoraConfig
 RANK = 16
 
 
-def log(message: str) -> None:
-    print(f"[bench lora {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("lora")
 
 
 def run(args, limits: dict) -> dict:
     rounds = 2 if args.quick else 3
-    dirs = checkpoints(args.cache_dir)
-    config = open_checkpoint(dirs["float32"]).config
+    dirs, config = smollm2(args.cache_dir)
     params = load_params(open_checkpoint(dirs["float32"]))
     shape = dict(batch=args.train_batch, seq_len=args.train_seq)
     log("compiling our full and LoRA steps")

@@ -232,22 +232,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_same_losses_as_one(sharded, tiny, data, env, tmp_path):
-    """2 processes x 4 CPU devices joined by jax.distributed == 1 process x 8 devices, on the same mesh."""
-    out = tmp_path / "run"
-    args = command(tiny, data, out, "--eval-data", data[1], "--mesh", "data=2,fsdp=2,tensor=2",
-                   "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2")
+def two_processes(args, env) -> list[tuple[str, str]]:
+    """`python -m train ARGS` as 2 processes x 4 CPU devices joined by jax.distributed; their (stdout, stderr)."""
+    args = [*args, "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     host_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     processes = [subprocess.Popen([sys.executable, "-m", "train", *args, "--process-id", str(i)], cwd=REPO,
                                   env=host_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(2)]
     try:
-        results = [p.communicate(timeout=120) for p in processes]
+        results = [p.communicate(timeout=180) for p in processes]
     finally:
         for p in processes:
             p.kill()
     assert [p.returncode for p in processes] == [0, 0], results
     assert "8 devices" in results[0][1] and "examples (" not in results[1][1]  # process 0 reports, alone
+    return results
+
+
+def test_two_processes_give_the_same_losses_as_one(sharded, tiny, data, env, tmp_path):
+    """2 processes x 4 CPU devices joined by jax.distributed == 1 process x 8 devices, on the same mesh."""
+    out = tmp_path / "run"
+    two_processes(command(tiny, data, out, "--eval-data", data[1], "--mesh", "data=2,fsdp=2,tensor=2"), env)
     expected, got = metrics(sharded), metrics(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # written once
     for key in ("loss", "grad_norm", "eval_loss"):
@@ -257,21 +262,43 @@ def test_two_processes_give_the_same_losses_as_one(sharded, tiny, data, env, tmp
                  load_params(open_checkpoint(sharded / "final")))
 
 
-def test_qlora_resumes_after_sigterm_with_the_same_losses(tiny, data, env, tmp_path):
+QLORA = ("--lora-rank", "4", "--quantize", "int8", "--grad-accum", "2", "--mesh", "data=2,fsdp=2,tensor=2")
+
+
+@pytest.fixture(scope="module")
+def qlora(tiny, data, env, tmp_path_factory):
+    """An uninterrupted QLoRA run (accumulation, packing, eval) on a sharded mesh."""
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    result = train(command(tiny, data, out, *QLORA, "--eval-data", data[1]), env)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_qlora_resumes_after_sigterm_with_the_same_losses(qlora, tiny, data, env, tmp_path):
     """LoRA over an int8 base with accumulation, packing and eval on a sharded mesh: a run stopped by SIGTERM and
     resumed gives the same losses bit for bit, and writes a PEFT adapter, not a checkpoint."""
-    lora = ("--lora-rank", "4", "--quantize", "int8", "--grad-accum", "2", "--eval-data", data[1],
-            "--mesh", "data=2,fsdp=2,tensor=2")
-    whole = train(command(tiny, data, tmp_path / "whole", *lora), env)
-    assert whole.returncode == 0, whole.stderr
-    args = command(tiny, data, tmp_path / "run", *lora)
+    args = command(tiny, data, tmp_path / "run", *QLORA, "--eval-data", data[1])
     stopped = train(args, env, script=SIGTERM_AT_STEP.format(step=3))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     resumed = train(args, env)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
-    expected = metrics(tmp_path / "whole")
+    expected = metrics(qlora)
     assert expected[-1]["loss"] < expected[0]["loss"]
     for key in ("loss", "grad_norm", "eval_loss"):
         assert [r.get(key) for r in metrics(tmp_path / "run")] == [r.get(key) for r in expected], key
     assert sorted(p.name for p in (tmp_path / "run" / "final").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "llama_jax_adapter.json"]
+
+
+def test_qlora_on_two_processes_gives_the_same_losses_and_adapter(qlora, tiny, data, env, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "run"
+    two_processes(command(tiny, data, out, *QLORA, "--eval-data", data[1]), env)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        np.testing.assert_allclose([r.get(key, 0) for r in metrics(out)], [r.get(key, 0) for r in metrics(qlora)],
+                                   rtol=1e-5, err_msg=key)
+    got, want = (load_file(d / "final" / "adapter_model.safetensors") for d in (out, qlora))
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
