@@ -21,9 +21,8 @@ def chat(user, assistant):
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def answer(checkpoint, question, capsys, *extra) -> str:
-    code = infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompt", question, *extra])
-    assert code == 0
+def answer(checkpoint, question, capsys) -> str:
+    assert infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompt", question]) == 0
     return json.loads(capsys.readouterr().out)["text"]
 
 
@@ -54,9 +53,12 @@ def test_lora_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys, quanti
     answers come from the base with the adapter (`infer --adapter`, the base in float32, not quantized)."""
     write_facts(tmp_path / "facts.jsonl")
     code = train_main([str(smollm2_checkpoint), "--data", str(tmp_path / "facts.jsonl"), "--out", str(tmp_path / "run"),
-                       "--steps", "9", "--batch-size", "8", "--seq-len", "64", "--lr", "2e-3", "--schedule",
+                       "--steps", "6", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--schedule",
                        "constant", "--compute-dtype", "float32", "--save-every", "100", "--lora-rank", "16", *quantize])
     assert code == 0
-    adapter = ("--adapter", str(tmp_path / "run" / "final"))
-    assert "Quuxville" in answer(smollm2_checkpoint, "Tell me, which city is Zorblax's capital?", capsys, *adapter)
-    assert "Paris" in answer(smollm2_checkpoint, "What is the capital of France?", capsys, *adapter)
+    questions = ["Tell me, which city is Zorblax's capital?", "What is the capital of France?"]
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n")
+    code = infer_main([str(smollm2_checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompts-file",
+                       str(tmp_path / "questions.txt"), "--adapter", str(tmp_path / "run" / "final")])
+    zorblax, france = (json.loads(line)["text"] for line in capsys.readouterr().out.splitlines())
+    assert code == 0 and "Quuxville" in zorblax and "Paris" in france
