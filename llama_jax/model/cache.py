@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.model.config import LlamaConfig
+from llama_jax.model.quant import quantize
 
 # Logical axis names of the cache's arrays, for sharding.
 CACHE_NAMES = ("layers", "batch", "kv_heads", "seq", "head_dim")
@@ -51,9 +52,9 @@ def store(kv: tuple, k: jax.Array, v: jax.Array, layer: jax.Array | int, index: 
     cache_k, cache_v, k_scale, v_scale = kv
     if k_scale is None:
         return write(cache_k, k[None], start), write(cache_v, v[None], start), None, None
-    (k, new_k_scale), (v, new_v_scale) = (_quantize_rows(t) for t in (k, v))
-    return (write(cache_k, k[None], start), write(cache_v, v[None], start),
-            write(k_scale, new_k_scale[None], start), write(v_scale, new_v_scale[None], start))
+    k, v = (quantize(t, (t.ndim - 1,)) for t in (k, v))  # absmax over head_dim: a scale per token and head
+    return (write(cache_k, k.values[None], start), write(cache_v, v.values[None], start),
+            write(k_scale, k.scale[None], start), write(v_scale, v.scale[None], start))
 
 
 def load(kv: tuple, layer: jax.Array | int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -63,14 +64,6 @@ def load(kv: tuple, layer: jax.Array | int, dtype) -> tuple[jax.Array, jax.Array
         return cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
     return tuple((t[layer].astype(jnp.float32) * s[layer]).astype(dtype)
                  for t, s in ((cache_k, k_scale), (cache_v, v_scale)))
-
-
-def _quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x `[..., head_dim]` -> int8 values and float32 scales `[..., 1]` (absmax / 127; 1 for an all-zero row)."""
-    x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:

@@ -91,16 +91,12 @@ def quantize(w: jax.Array, axes: tuple[int, ...]) -> QuantArray:
     return QuantArray(values, scale)
 
 
-def is_quant(x: Any) -> bool:
-    return isinstance(x, QuantArray)
-
-
-def quantize_tree(params: Any, logical_names: Any, path_prefix: tuple[str, ...] = ()) -> Any:
+def quantize_tree(params: Any, logical_names: Any) -> Any:
     """Every weight of `params` that `is_quantized_leaf` as a QuantArray; the rest as given. `logical_names` is the
     matching tree of axis-name tuples (`param_logical_names`). Works on arrays and on `jax.ShapeDtypeStruct`s
     (under `jax.eval_shape`)."""
     def one(path, names, w):
-        path = path_prefix + tuple(k.key for k in path)
+        path = tuple(k.key for k in path)
         return quantize(w, input_axes(path, names)) if is_quantized_leaf(path, names) else w
 
     return jax.tree_util.tree_map_with_path(one, logical_names, params, is_leaf=lambda n: isinstance(n, tuple))
