@@ -198,8 +198,12 @@ def test_adapters_that_do_not_fit_are_one_line(base, tmp_path, capsys):
     peft_adapter(other, tmp_path / "wrong")
     (tmp_path / "ia3").mkdir()
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (tmp_path / "torn" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     for adapter, message in ((tmp_path / "wrong", "adapter_model.safetensors: tensor base_model.model.model.layers."),
                              (tmp_path / "ia3", "PEFT adapter type 'IA3' is not supported (only LORA)"),
+                             (tmp_path / "torn", "adapter_model.safetensors: cannot read the adapter weights"),
                              (tmp_path / "none", "not a PEFT adapter")):
         capsys.readouterr()
         code = infer_main([str(ckpt), "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "4"])

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from llama_jax.checkpoints.atomic import atomic_directory
@@ -91,7 +92,7 @@ def read_adapter(directory: str | Path, config: LlamaConfig) -> Adapter:
                                                   f"{rank!r}, lora_alpha={alpha!r}")
     try:
         tensors = load_file(directory / WEIGHTS_FILE)
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise InputError(directory / WEIGHTS_FILE, f"cannot read the adapter weights ({e})") from None
     shapes, layers = _linear_shapes(config), config.num_hidden_layers
     found: dict[str, dict[str, dict[int, np.ndarray]]] = {}
