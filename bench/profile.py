@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.roofline import weight_bytes
-from llama_jax.generation import GREEDY, DecodeState, decode_loop, decode_step, prefill, row_keys
+from llama_jax.generation import GREEDY, DecodeState, decode_loop, decode_step, prefill, row_keys, sampling_rows
 from llama_jax.model import init_cache, inverse_frequencies, unstack_layers
 
 F32 = jnp.float32
@@ -173,13 +173,11 @@ def decode_census(params, config, *, dtype, batch: int, max_len: int) -> dict:
     per-layer params as the Engine holds them), in MiB written per decode step: instructions in a nested loop
     (a layer scan, were there one) count num_hidden_layers times."""
     c = config
-    state = DecodeState(*(jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.int32, jnp.bool_)),
-                        jax.ShapeDtypeStruct((), jnp.int32))
+    state = DecodeState(*(jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.int32, jnp.bool_, jnp.int32)))
     args = (jax.eval_shape(unstack_layers, params), jax.eval_shape(lambda: init_cache(c, batch, max_len, dtype)),
-            state,
-            jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
+            state, jax.eval_shape(lambda: row_keys(0, batch)), sampling_rows([GREEDY] * batch),
+            jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32))
+    static = dict(config=c, dtype=dtype, attention="xla")
     decode = jax.jit(functools.partial(decode_loop, **static, width=max_len), donate_argnums=1)
     rows = hlo_census(decode.lower(*args).compile().as_text())
     per = {0: 0, 1: 1, 2: c.num_hidden_layers}
@@ -195,8 +193,9 @@ def prefill_logits(params, config, *, dtype, batch: int, prompt_len: int) -> lis
     args = (jax.eval_shape(unstack_layers, params),
             jax.eval_shape(lambda: init_cache(c, batch, prompt_len + 8, dtype)),
             *(jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32) for _ in range(3)),
-            jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
-    static = dict(config=c, sampling=GREEDY, dtype=dtype, attention="xla")
+            jax.eval_shape(lambda: row_keys(0, batch)), sampling_rows([GREEDY] * batch),
+            jax.ShapeDtypeStruct((c.vocab_size,), jnp.bool_))
+    static = dict(config=c, dtype=dtype, attention="xla")
     jitted = jax.jit(functools.partial(prefill, **static), donate_argnums=1)
     text = jitted.lower(*args).compile().as_text()
     return sorted({f"{m.group(2)}[{m.group(3)}]" for m in map(_INSTRUCTION.match, text.splitlines())

@@ -8,7 +8,8 @@ import pytest
 from conftest import VARIANTS, load_fixture
 
 import llama_jax as lj
-from llama_jax.generation.engine import Engine, bucket, decode_step, left_pad
+from llama_jax.generation.engine import Engine, bucket, left_pad
+from llama_jax.generation.steps import decode_step
 from llama_jax.generation.sampling import SamplingParams
 
 MAX_LEN = 64

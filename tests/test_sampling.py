@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.generation.sampling import SamplingParams, filter_logits, row_keys, sample, step_keys
+from llama_jax.generation.sampling import (SamplingParams, candidates, filter_logits, row_keys, sample, sampling_rows,
+                                           step_keys)
 
 ROWS, VOCAB = 512, 64  # every row is an independent draw, so one call checks many seeds at once
 
@@ -14,9 +15,19 @@ def random_logits(seed=0, rows=ROWS, vocab=VOCAB, scale=3.0):
     return jax.random.normal(jax.random.key(seed), (rows, vocab)) * scale
 
 
-def draw(logits, params, seed=0, step=0):
-    return np.asarray(jax.jit(sample, static_argnums=2)(logits, step_keys(row_keys(seed, len(logits)), step),
-                                                        params))
+def rows(params, n=ROWS):
+    """SamplingRows for n rows: `params` for each, or a list of one SamplingParams per row."""
+    return sampling_rows(params if isinstance(params, list) else [params] * n)
+
+
+def draw(logits, params, seed=0, step=0, bound=None):
+    """Tokens sampled with `params` (one SamplingParams for every row, or a list, one per row)."""
+    keys = step_keys(row_keys(seed, len(logits)), step)
+    return np.asarray(jax.jit(sample, static_argnums=3)(logits, keys, rows(params, len(logits)), bound))
+
+
+def kept_by(logits, params, bound=None):
+    return np.isfinite(np.asarray(filter_logits(logits, rows(params, len(logits)), bound)))
 
 
 def probabilities(logits, temperature):
@@ -90,7 +101,7 @@ def nucleus(logits, temperature, top_p):
 def test_top_p_keeps_exactly_the_nucleus_and_never_samples_outside(top_p):
     logits, params = random_logits(seed=1), SamplingParams(temperature=0.8, top_p=top_p)
     keep = nucleus(logits, 0.8, top_p)
-    np.testing.assert_array_equal(np.isfinite(np.asarray(filter_logits(logits, params))), keep)
+    np.testing.assert_array_equal(kept_by(logits, params), keep)
     tokens = draw(logits, params)
     assert keep[np.arange(ROWS), tokens].all()
 
@@ -109,7 +120,7 @@ def test_min_p_never_samples_below_the_threshold(min_p):
 def test_filters_combine():
     logits = random_logits(seed=3)
     params = SamplingParams(temperature=0.9, top_k=8, top_p=0.8, min_p=0.1)
-    kept = np.isfinite(np.asarray(filter_logits(logits, params)))
+    kept = kept_by(logits, params)
     top8 = np.asarray(logits) >= np.sort(np.asarray(logits), -1)[:, -8:-7]
     # top-p acts on the top-k distribution (renormalised), min-p relative to the most likely token
     masked = np.where(top8, np.asarray(logits), -np.inf)
@@ -118,3 +129,27 @@ def test_filters_combine():
     np.testing.assert_array_equal(kept, expected)
     assert kept.sum(-1).min() >= 1 and kept.sum(-1).max() <= 8
     assert kept[np.arange(ROWS), draw(logits, params)].all()
+
+
+def test_rows_with_different_settings_draw_as_each_would_alone():
+    """One batch mixing greedy, top-k, top-p and min-p rows: each row's token equals that row drawn in a batch of its
+    own settings (same key), so requests with any settings share one compiled step."""
+    logits = random_logits(seed=4, rows=8)
+    settings = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.1, top_p=0.7),
+                SamplingParams(temperature=0.6, min_p=0.2), SamplingParams(temperature=1.0),
+                SamplingParams(temperature=0.9, top_k=12, top_p=0.8, min_p=0.05), SamplingParams(),
+                SamplingParams(temperature=2.0, top_p=0.3)]
+    mixed = draw(logits, settings, seed=5)
+    for row, params in enumerate(settings):
+        assert mixed[row] == draw(logits, params, seed=5)[row], (row, params)
+    assert mixed[0] == np.argmax(np.asarray(logits[0])) and mixed[6] == np.argmax(np.asarray(logits[6]))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=7),
+                                    SamplingParams(temperature=0.7, top_k=20, top_p=0.6, min_p=0.02)])
+def test_ranking_only_top_k_candidates_filters_the_same(params):
+    logits = random_logits(seed=6)
+    bound = candidates(params, VOCAB)
+    assert bound == params.top_k
+    np.testing.assert_array_equal(kept_by(logits, params, bound), kept_by(logits, params))
+    np.testing.assert_array_equal(draw(logits, params, bound=bound), draw(logits, params))

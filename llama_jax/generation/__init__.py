@@ -2,13 +2,14 @@
 sliding-window perplexity.
 Imports `model` only; a serving engine belongs beside `engine.py`."""
 
-from llama_jax.generation.engine import (Completion, DecodeState, Engine, Generation, bucket, cache_length,
-                                         decode_loop, decode_step, enable_compilation_cache, left_pad, prefill)
-from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample
+from llama_jax.generation.engine import (Completion, Engine, Generation, bucket, cache_length, enable_compilation_cache,
+                                         left_pad)
+from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
+from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
 from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows
 
 __all__ = [
-    "GREEDY", "Completion", "DecodeState", "Engine", "Generation", "Perplexity", "SamplingParams", "bucket",
-    "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad", "perplexity", "prefill",
-    "row_keys", "sample", "sliding_windows",
+    "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
+    "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
+    "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows",
 ]

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sample, step_keys
-from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, forward, init_cache, named_sharding,
+from llama_jax.generation.sampling import GREEDY, SamplingParams, candidates, row_keys, sampling_rows
+from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, prefill
+from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, init_cache, named_sharding,
                              param_logical_names, tree_shardings, unstack_layers)
 from llama_jax.model import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_options  # a global here: a test swaps it
 
 MIN_BUCKET = 16
-EMPTY = -1  # what a finished row emits on device; never returned
 
 
 def enable_compilation_cache(path: str | Path) -> None:
@@ -65,59 +65,6 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
     return tokens, positions, segments
 
 
-def decode_step(params: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
-                dtype=jnp.float32, attention: str = "xla") -> tuple[jax.Array, KVCache]:
-    """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache."""
-    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None], cache=cache, dtype=dtype,
-                            attention=attention)
-    return logits[:, 0], cache
-
-
-class DecodeState(NamedTuple):
-    """Where each row is. token, position, done: `[batch]`; step: int32 scalar."""
-
-    token: jax.Array  # int32, the last token emitted (the next input)
-    position: jax.Array  # int32, the RoPE position of `token`
-    done: jax.Array  # bool, the row has emitted a stop id
-    step: jax.Array  # tokens emitted so far by each unfinished row
-
-
-def prefill(params, cache, tokens, positions, segment_ids, keys, is_stop, *, config, sampling, dtype, attention):
-    """Prompts `[batch, seq]` into an empty cache; samples each row's first token. -> (cache, DecodeState).
-
-    keys: `[batch]` PRNG keys, one stream per row; is_stop: bool `[vocab]`, the stop tokens.
-    """
-    logits, cache = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, cache=cache,
-                            dtype=dtype, last_only=True, attention=attention)
-    first = sample(logits[:, -1], step_keys(keys, 0), sampling)
-    return cache, DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.int32(1))
-
-
-def decode_loop(params, cache, state, keys, is_stop, limit, *, config, sampling, dtype, attention, width):
-    """Up to `width` steps, stopping once state.step reaches `limit` or every row is done.
-
-    Returns (cache, state, tokens `[batch, width]` int32): the tokens emitted, EMPTY where a row had already
-    stopped or the loop had ended.
-    """
-    out = jnp.full((state.token.shape[0], width), EMPTY, jnp.int32)
-
-    def running(carry):
-        _, s, _, i = carry
-        return (i < width) & (s.step < limit) & ~jnp.all(s.done)
-
-    def step(carry):
-        cache, s, out, i = carry
-        logits, cache = decode_step(params, cache, jnp.where(s.done, 0, s.token), s.position, config, dtype,
-                                    attention)
-        token = sample(logits, step_keys(keys, s.step), sampling)
-        out = jax.lax.dynamic_update_slice(out, jnp.where(s.done, EMPTY, token)[:, None], (0, i))
-        state = DecodeState(token, s.position + 1, s.done | is_stop[token], s.step + 1)
-        return cache, state, out, i + 1
-
-    cache, state, out, _ = jax.lax.while_loop(running, step, (cache, state, out, jnp.int32(0)))
-    return cache, state, out
-
-
 class Completion(NamedTuple):
     tokens: list[int]  # the generated ids; the last is the stop id when finish_reason == "stop" (as transformers)
     finish_reason: str  # "stop" (emitted a stop id) or "length" (reached max_new_tokens)
@@ -146,7 +93,7 @@ class Engine:
                  on the device and split per layer into the engine's own copy (the caller may drop theirs). Weights
                  may be int8 QuantArrays (`load_params(..., quantize="int8")`).
     max_len:     cache slots per row: the longest prompt plus max_new_tokens - 1 must fit.
-    sampling:    how tokens are picked (compiled in; make another Engine to change it).
+    sampling:    how tokens are picked (every row alike).
     cache_dtype: dtype of the cached keys and values (int8: quantized per token and head); dtype: compute dtype of
                  the forward.
     attention:   "xla" or "cudnn" (see `forward`; one-token decode steps attend the "xla" way either way).
@@ -175,8 +122,8 @@ class Engine:
         sharding = self._sharding(names, np.shape(array))
         return jnp.asarray(array) if sharding is None else jax.device_put(array, sharding)
 
-    def _layout(self, batch: int, width: int | None = None):
-        """Shardings of the outputs (cache, state[, tokens `[batch, width]`]), or None without a mesh."""
+    def _layout(self, batch: int, width: int = 1):
+        """Shardings of the outputs (cache, state, Emitted `[batch, width]`), or None without a mesh."""
         if self.mesh is None:
             return None
         empty = jax.eval_shape(self._empty_cache_fn(batch))
@@ -184,8 +131,7 @@ class Engine:
         cache = KVCache(kv, kv, self._sharding(("batch", "seq"), (batch, self.max_len)), self._sharding((), ()),
                         scale, scale)
         rows = self._sharding(("batch",), (batch,))
-        state = DecodeState(rows, rows, rows, self._sharding((), ()))
-        return (cache, state) if width is None else (cache, state, self._sharding(("batch", "seq"), (batch, width)))
+        return cache, DecodeState(rows, rows, rows, rows), Emitted(self._sharding(("batch", "seq"), (batch, width)))
 
     def _executable(self, fn: Callable, args: tuple, batch: int, width: int | None = None
                     ) -> tuple[Callable, float]:
@@ -195,10 +141,12 @@ class Engine:
         if key in self._executables:
             return self._executables[key], 0.0
         start = time.perf_counter()
-        static = dict(config=self.config, sampling=self.sampling, dtype=self.dtype, attention=self.attention)
+        static = dict(config=self.config, dtype=self.dtype, attention=self.attention,
+                      candidates=candidates(self.sampling, self.config.vocab_size))
         if width is not None:
             static["width"] = width
-        jitted = jax.jit(functools.partial(fn, **static), donate_argnums=1, out_shardings=self._layout(batch, width))
+        jitted = jax.jit(functools.partial(fn, **static), donate_argnums=1,
+                         out_shardings=self._layout(batch, width or 1))
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
             self._executables[key] = jitted.lower(*args).compile(compiler_options=self._compiler_options)
         return self._executables[key], time.perf_counter() - start
@@ -236,6 +184,7 @@ class Engine:
                              f"max_len={self.max_len}")
         tokens, positions, segments = left_pad(prompts, min(bucket(longest), room))
         keys = self._put(row_keys(seed, batch), ("batch",))
+        per_row = jax.tree.map(lambda a: self._put(a, ("batch",)), sampling_rows([self.sampling] * batch))
         stop_mask = np.zeros(self.config.vocab_size, bool)
         stop_mask[[i for i in stop_ids if 0 <= i < self.config.vocab_size]] = True
         is_stop = self._put(stop_mask, (None,))
@@ -250,27 +199,27 @@ class Engine:
                 row.extend(row_new)
             emit(new)
 
-        args = (self.params, self.empty_cache(batch), *(self._put(a, ("batch", "seq"))
-                                                          for a in (tokens, positions, segments)), keys, is_stop)
+        inputs = (self._put(a, ("batch", "seq")) for a in (tokens, positions, segments))
+        args = (self.params, self.empty_cache(batch), *inputs, keys, per_row, is_stop)
         run_prefill, compile_s = self._executable(prefill, args, batch)
         start = time.perf_counter()
-        cache, state = run_prefill(*args)
-        collect(np.asarray(state.token)[:, None])
+        cache, state, first = run_prefill(*args)
+        collect(np.asarray(first.tokens))
         ttft_s = time.perf_counter() - start
 
-        decode, seconds = self._executable(decode_loop, (self.params, cache, state, keys, is_stop, limit), batch,
-                                           width)
+        decode, seconds = self._executable(decode_loop, (self.params, cache, state, keys, per_row, is_stop, limit),
+                                           batch, width)
         compile_s += seconds
         start = time.perf_counter()
-        cache, state, chunk = decode(self.params, cache, state, keys, is_stop, limit)
+        cache, state, chunk = decode(self.params, cache, state, keys, per_row, is_stop, limit)
         reach = 1 + width  # tokens per row the calls made so far can emit: the first, then `width` per call
         while True:  # keep one chunk queued on the device while the host reads the previous one
             more = reach < max_new_tokens  # else those calls reach the limit: nothing to queue
             if more:
-                cache, next_state, next_chunk = decode(self.params, cache, state, keys, is_stop, limit)
+                cache, next_state, next_chunk = decode(self.params, cache, state, keys, per_row, is_stop, limit)
                 reach += width
-            collect(np.asarray(chunk))
-            if not more or int(state.step) >= max_new_tokens or bool(np.all(state.done)):
+            collect(np.asarray(chunk.tokens))
+            if not more or bool(np.all(np.asarray(state.done) | (np.asarray(state.step) >= max_new_tokens))):
                 break
             state, chunk = next_state, next_chunk
         decode_s = time.perf_counter() - start

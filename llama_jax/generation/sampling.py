@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,37 +47,73 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
+class SamplingRows(NamedTuple):
+    """Each row's sampling parameters as arrays `[batch]` (SamplingParams' fields), so rows with different settings
+    share one compiled step: temperature, top_p, min_p float32; top_k int32."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+
+
+def sampling_rows(params: Sequence[SamplingParams]) -> SamplingRows:
+    """One row per SamplingParams, as host arrays."""
+    column = lambda name, dtype: np.array([getattr(p, name) for p in params], dtype)  # noqa: E731
+    return SamplingRows(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
+                        column("min_p", np.float32))
+
+
+def candidates(params: SamplingParams, vocab: int) -> int | None:
+    """The `candidates` bound of `sample` for rows that all sample with `params`: top_k when set, else None."""
+    return min(params.top_k, vocab) if params.top_k else None
+
+
 def row_keys(seed: int, batch: int) -> jax.Array:
     """One independent PRNG key per row, `[batch]`: row r's stream depends only on (seed, r), not on the batch."""
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(batch))
 
 
 def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:
-    """The keys `[batch]` for generation step `step` of each row's stream."""
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    """The keys `[batch]` for generation step `step` (a scalar, or `[batch]`: each row's own) of each row's stream."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
 
 
-def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Temperature-scaled logits `[batch, vocab]` with every token the filters exclude set to -inf."""
-    x = logits.astype(jnp.float32) / params.temperature
+def filter_logits(logits: jax.Array, rows: SamplingRows, candidates: int | None = None) -> jax.Array:
+    """Temperature-scaled logits `[batch, vocab]` with every token a row's filters exclude set to -inf (a row at
+    temperature 0 is scaled by 1).
+
+    candidates: a bound on every row's top_k (each row has 0 < top_k <= candidates): the top-k/top-p stage then
+    ranks that many tokens rather than sorting the whole vocabulary. It runs only when some row asks for it.
+    """
+    column = lambda a: jnp.asarray(a)[:, None]  # noqa: E731
+    x = logits.astype(jnp.float32) / column(jnp.where(rows.temperature > 0, rows.temperature, 1.0))
     vocab = x.shape[-1]
-    k = min(params.top_k or vocab, vocab)
-    if k < vocab or params.top_p < 1:
-        top = jax.lax.top_k(x, k)[0]  # [batch, k], descending
-        threshold = top[:, -1:]
-        if params.top_p < 1:
-            probs = jax.nn.softmax(top, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            kept = jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True)  # >= 1: the first has mass 0 before
-            threshold = jnp.take_along_axis(top, kept - 1, axis=-1)
-        x = jnp.where(x >= threshold, x, -jnp.inf)
-    if params.min_p > 0:
-        x = jnp.where(x >= jnp.max(x, axis=-1, keepdims=True) + math.log(params.min_p), x, -jnp.inf)
-    return x
+    width = vocab if candidates is None else min(candidates, vocab)
+
+    def truncate(x):
+        top = jax.lax.top_k(x, width)[0]  # [batch, width], descending
+        k = column(jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, width), width))
+        in_k = jnp.arange(width)[None] < k
+        probs = jax.nn.softmax(jnp.where(in_k, top, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = in_k & ((mass_before < column(rows.top_p)) | (column(rows.top_p) >= 1))
+        kept = jnp.sum(keep, axis=-1, keepdims=True)  # >= 1: the first has mass 0 before it
+        return jnp.where(x >= jnp.take_along_axis(top, kept - 1, axis=-1), x, -jnp.inf)
+
+    truncating = jnp.any((rows.top_k > 0) | (rows.top_p < 1))
+    x = jax.lax.cond(truncating, truncate, lambda x: x, x)
+    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(column(rows.min_p))  # -inf where min_p is 0
+    return jnp.where(x >= floor, x, -jnp.inf)
 
 
-def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
-    """Next tokens `[batch]` int32 from logits `[batch, vocab]`, row r drawing from keys[r] (`[batch]` keys)."""
-    if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.vmap(jax.random.categorical)(keys, filter_logits(logits, params)).astype(jnp.int32)
+def sample(logits: jax.Array, keys: jax.Array, rows: SamplingRows, candidates: int | None = None) -> jax.Array:
+    """Next tokens `[batch]` int32 from logits `[batch, vocab]`: row r greedy (argmax) at temperature 0, else drawn
+    from keys[r] (`[batch]` keys) after its filters. Nothing is filtered or drawn when every row is greedy."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, rows, candidates)).astype(jnp.int32)
+        return jnp.where(rows.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda _: greedy, None)

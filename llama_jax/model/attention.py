@@ -15,19 +15,22 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def causal_mask(seq: int, kv_len: int, q_offset: jax.Array | int) -> jax.Array:
-    """bool `[seq, kv_len]`: query i (at slot q_offset + i) sees slots 0 .. q_offset + i."""
-    return jnp.arange(kv_len)[None, :] <= q_offset + jnp.arange(seq)[:, None]
+    """bool `[1 or batch, seq, kv_len]`: query i (at slot q_offset + i) sees slots 0 .. q_offset + i.
+    q_offset: a scalar, or `[batch]` (each row's own)."""
+    offset = jnp.reshape(q_offset, (-1, 1, 1))
+    return jnp.arange(kv_len)[None, None, :] <= offset + jnp.arange(seq)[None, :, None]
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
     """Which keys each query may see: causal by slot, same segment, and never an empty/padding slot.
 
-    q_segments `[batch, seq]`, kv_segments `[batch, kv_len]` (0 = padding/empty), q_offset = slot of query 0.
-    Returns bool `[batch, seq, kv_len]`. Segments keep packed examples apart; left padding is segment 0.
+    q_segments `[batch, seq]`, kv_segments `[batch, kv_len]` (0 = padding/empty), q_offset = slot of query 0 (a
+    scalar or `[batch]`). Returns bool `[batch, seq, kv_len]`. Segments keep packed examples apart; left padding is
+    segment 0.
     """
     causal = causal_mask(q_segments.shape[1], kv_segments.shape[1], q_offset)
     same = q_segments[:, :, None] == kv_segments[:, None, :]
-    return causal[None] & same & (kv_segments[:, None, :] != 0)
+    return causal & same & (kv_segments[:, None, :] != 0)
 
 
 # How `Attention` computes softmax(q k^T) v (forward's `attention=`): "xla" is `attend` below, on any backend;
@@ -52,7 +55,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, blo
     """
     seq, kv_len = q.shape[1], k.shape[2]
     if mask is None:
-        mask = causal_mask(seq, kv_len, kv_len - seq)[None]
+        mask = causal_mask(seq, kv_len, kv_len - seq)
     blocks = []
     for start in range(0, seq, block):
         stop = min(start + block, seq)
@@ -113,8 +116,8 @@ class Attention(nn.Module):
         for plain causal attention without a cache.
         cache: None, or every layer's (k, v, k_scale, v_scale) as KVCache holds them (`[layers, batch, kv_heads,
         max_len, head_dim]`; scales None unless int8); this layer's new keys and values are written in place at
-        `[layer, :, :, cache_index : cache_index + seq]` and attention reads that layer's max_len slots (kv_len =
-        max_len then, else seq).
+        `[layer, :, :, cache_index : cache_index + seq]` (cache_index a scalar or `[batch]`) and attention reads
+        that layer's first kv_len slots (kv_len <= max_len then, else seq).
         Returns (`[batch, seq, embed]`, the updated cache or None).
         """
         c = self.config
@@ -125,7 +128,7 @@ class Attention(nn.Module):
         k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
         if cache is not None:
             cache = store(cache, k, v, layer, cache_index)
-            k, v = load(cache, layer, self.dtype)
+            k, v = load(cache, layer, self.dtype, mask.shape[-1])
         if self.attention == "cudnn" and q.shape[1] > 1:
             out = attend_fused(q, k, v, mask, causal=cache is None, implementation="cudnn")
         else:

@@ -18,7 +18,8 @@ class KVCache(NamedTuple):
     k, v:        `[layers, batch, kv_heads, max_len, head_dim]`, already rotated (RoPE applied to k). Slots are the
                  second-minor axis so that attention reads each head's keys as one contiguous matrix.
     segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
-    index:       int32 scalar, the next slot to write (all rows advance together; rows differ by left padding).
+    index:       int32, the next slot to write: a scalar (all rows advance together; rows differ by left padding,
+                 as `Engine` fills them), or `[batch]` (each row its own, as the slot engine fills them).
     k_scale, v_scale: float32 `[layers, batch, kv_heads, max_len, 1]` when k and v are int8 (symmetric, one scale
                  per token and head: the key is k * k_scale); None for a float cache.
     """
@@ -43,27 +44,38 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
 
 
 def store(kv: tuple, k: jax.Array, v: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> tuple:
-    """Write one layer's new keys and values `[batch, kv_heads, seq, head_dim]` at slots index.. of that layer.
+    """Write one layer's new keys and values `[batch, kv_heads, seq, head_dim]` at slots index.. of that layer
+    (index: a scalar, or `[batch]`, a start per row).
 
     kv: (k, v, k_scale, v_scale) of the whole cache, as KVCache holds them (scales None for a float cache); returns
     the same tuple updated. An int8 cache stores each token and head as int8 values and its absmax / 127.
     """
-    start = (layer, 0, 0, index, 0)
     cache_k, cache_v, k_scale, v_scale = kv
     if k_scale is None:
-        return write(cache_k, k[None], start), write(cache_v, v[None], start), None, None
+        return write_rows(cache_k, k, layer, index), write_rows(cache_v, v, layer, index), None, None
     k, v = (quantize(t, (t.ndim - 1,)) for t in (k, v))  # absmax over head_dim: a scale per token and head
-    return (write(cache_k, k.values[None], start), write(cache_v, v.values[None], start),
-            write(k_scale, k.scale[None], start), write(v_scale, v.scale[None], start))
+    return (write_rows(cache_k, k.values, layer, index), write_rows(cache_v, v.values, layer, index),
+            write_rows(k_scale, k.scale, layer, index), write_rows(v_scale, v.scale, layer, index))
 
 
-def load(kv: tuple, layer: jax.Array | int, dtype) -> tuple[jax.Array, jax.Array]:
-    """One layer's keys and values `[batch, kv_heads, max_len, head_dim]` in `dtype` (dequantized when int8)."""
+def load(kv: tuple, layer: jax.Array | int, dtype, length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """One layer's keys and values `[batch, kv_heads, length, head_dim]` in `dtype` (dequantized when int8): its
+    first `length` slots (default all max_len), so a step reads only the slots that can hold tokens."""
     cache_k, cache_v, k_scale, v_scale = kv
+    length = cache_k.shape[3] if length is None else length
     if k_scale is None:
-        return cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
-    return tuple((t[layer].astype(jnp.float32) * s[layer]).astype(dtype)
+        return cache_k[layer, :, :, :length].astype(dtype), cache_v[layer, :, :, :length].astype(dtype)
+    return tuple((t[layer, :, :, :length].astype(jnp.float32) * s[layer, :, :, :length]).astype(dtype)
                  for t, s in ((cache_k, k_scale), (cache_v, v_scale)))
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
+    """buffer `[layers, batch, kv_heads, max_len, d]` with new `[batch, kv_heads, seq, d]` written at
+    `[layer, b, :, index[b] : index[b] + seq]` (index a scalar: the same slots in every row)."""
+    if jnp.ndim(index) == 0:
+        return write(buffer, new[None], (layer, 0, 0, index, 0))
+    row = lambda buf, x, i: write(buf, x[None], (layer, 0, i, 0))  # noqa: E731  buf [layers, kv_heads, max_len, d]
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, index)
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:

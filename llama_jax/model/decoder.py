@@ -74,6 +74,7 @@ class Llama(nn.Module):
     last_only: bool = False  # logits for the last position only (prefill needs no more)
     scan_layers: bool = True  # params stacked under `layers` (one nn.scan), or one `layer_{i}` each (unrolled)
     attention: str = "xla"  # see llama_jax.attention.ATTENTION_IMPLS
+    kv_len: int | None = None  # with a cache: attend over its first kv_len slots only (default all)
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
@@ -86,8 +87,8 @@ class Llama(nn.Module):
         if cache is not None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
             offset, kv = cache.index, (cache.k, cache.v, cache.k_scale, cache.v_scale)
-            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, offset))
-            mask = attention_mask(segment_ids, kv_segments, offset)
+            kv_segments = write_segments(cache.segment_ids, segment_ids, offset)
+            mask = attention_mask(segment_ids, kv_segments[:, :self.kv_len], offset)
         elif segment_ids is not None:
             mask = attention_mask(segment_ids, segment_ids, 0)
 
@@ -122,6 +123,15 @@ class Llama(nn.Module):
         return logits, cache
 
 
+def write_segments(kv_segments: jax.Array, segment_ids: jax.Array, offset: jax.Array) -> jax.Array:
+    """The cache's segment ids `[batch, max_len]` with segment_ids `[batch, seq]` written at slots offset.. (a
+    scalar, or `[batch]`: each row at its own)."""
+    if jnp.ndim(offset) == 0:
+        return jax.lax.dynamic_update_slice(kv_segments, segment_ids, (0, offset))
+    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i,)))(kv_segments, segment_ids,
+                                                                                        offset)
+
+
 def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
     """x `[batch, seq, embed]` @ head `[embed, vocab]` -> float32 logits `[batch, seq, vocab]`.
 
@@ -143,27 +153,30 @@ def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
 
 def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, cache: KVCache | None = None, dtype=jnp.float32,
-            remat: Remat = "none", last_only: bool = False, attention: str = "xla"
+            remat: Remat = "none", last_only: bool = False, attention: str = "xla", kv_len: int | None = None
             ) -> tuple[jax.Array, KVCache | None]:
     """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
 
     positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
     segment_ids: `[batch, seq]` int; tokens attend only to earlier tokens of the same segment; 0 marks padding.
                  Default: all ones (one causal sequence per row).
-    cache:       a `KVCache` to append these tokens to (slots cache.index ..), or None for a plain forward.
+    cache:       a `KVCache` to append these tokens to (slots cache.index .., per row when the index is `[batch]`),
+                 or None for a plain forward.
+    kv_len:      with a cache, attend over its first kv_len slots only (they must hold every slot written so far
+                 and these tokens): a step's cost then follows the tokens cached, not the cache's size.
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
     attention:   "xla" (any backend) or "cudnn" (a GPU and a 16-bit dtype; see llama_jax.model.attention).
     params:      stacked (`layers`, as `init_params` and checkpoints make them) or from `unstack_layers`.
-    Jit it with `config`, `dtype`, `remat`, `last_only` and `attention` static.
+    Jit it with `config`, `dtype`, `remat`, `last_only`, `attention` and `kv_len` static.
     """
     check_attention(attention, dtype)
     if positions is None:
-        start = 0 if cache is None else cache.index
+        start = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
     model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params,
-                  attention=attention)
+                  attention=attention, kv_len=kv_len)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache)
 
 
