@@ -89,3 +89,25 @@ def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
         return jax.lax.dynamic_update_slice(buffer, new, start)
     bits = [jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (buffer, new)]
     return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(*bits, start), buffer.dtype)
+
+
+def insert_row(cache: KVCache, row: KVCache, slot: jax.Array | int, length: jax.Array | int) -> KVCache:
+    """`cache` (index `[batch]`) with row `slot` replaced by `row`, a one-row cache holding a left-padded prompt of
+    `length` tokens in its last slots (as a prefill leaves it, index = its max_len P <= the cache's).
+
+    The prompt moves to slots 0 .. length - 1 of that row (its padding after it, segment 0, overwritten as the row
+    decodes), and the row's index becomes `length`: a row spends a slot per token, whatever its prompt's bucket.
+    Keys keep their RoPE positions, which follow the tokens, not the slots.
+    """
+    padded = row.k.shape[3]
+    shift = padded - length
+
+    def put(buffer, new):  # new `[layers, 1, kv_heads, P, d]`, rolled so that the prompt starts at slot 0
+        return write(buffer, jnp.roll(new, -shift, axis=3), (0, slot, 0, 0, 0))
+
+    kv = [None if b is None else put(b, n) for b, n in zip(
+        (cache.k, cache.v, cache.k_scale, cache.v_scale), (row.k, row.v, row.k_scale, row.v_scale))]
+    segments = jnp.zeros((1, cache.segment_ids.shape[1]), jnp.int32).at[:, :padded].set(
+        jnp.roll(row.segment_ids, -shift, axis=1))
+    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segments, (slot, 0))
+    return KVCache(kv[0], kv[1], segment_ids, cache.index.at[slot].set(length), kv[2], kv[3])

@@ -1,0 +1,213 @@
+"""The slot engine: continuous batching over a fixed number of slots, the rows of one static KV cache.
+
+    engine = SlotEngine(params, config, slots=8, max_len=2048, stop_ids=checkpoint.stop_ids)
+    engine.warm_up()                                     # compiles every shape it will run
+    first = engine.admit(slot, Request(prompt, max_new_tokens=64, sampling=SamplingParams(0.7, top_p=0.9), seed=1))
+    chunk = engine.step()                                # every busy slot advances up to `chunk` tokens
+    engine.release(slot)                                 # when its request stops, ends or its client leaves
+
+A request is prefilled alone (its prompt left padded to a power-of-two bucket, as `Engine` does) and moved into a
+free row while the other rows keep their state; every `step` advances all busy rows together. Each row has its own
+cache index (a row spends one slot per token), PRNG stream, sampling parameters and token limit, so a request's
+tokens equal `Engine.generate` on that prompt alone with the same settings and seed. A step attends over the first
+kv_len slots only, kv_len the smallest power of two that holds every busy row's tokens after the chunk: its cost
+follows the tokens cached, not the cache's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.generation.engine import bucket, left_pad
+from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sampling_rows
+from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, prefill
+from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, LlamaConfig, check_attention, init_cache, insert_row,
+                             narrow_weight_options, unstack_layers)
+
+MIN_KV_LEN = 64  # the smallest kv_len a step attends over
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids), up to `max_new_tokens` more, and how to sample them (seed: the row's PRNG stream, as
+    row 0 of `Engine.generate(..., seed=seed)`)."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One emitted token, with (when the engine keeps them) its log-probability and the most likely alternatives."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def kv_lengths(max_len: int) -> list[int]:
+    """The kv_len values steps run with: powers of two from MIN_KV_LEN, then max_len."""
+    lengths = [n for n in (MIN_KV_LEN << i for i in range(32)) if n < max_len]
+    return lengths + [max_len]
+
+
+def prefill_lengths(max_len: int) -> list[int]:
+    """The padded prompt lengths admissions run with: `bucket`'s powers of two below max_len, then max_len."""
+    lengths = sorted({bucket(n) for n in range(1, max_len + 1)} - {bucket(max_len)} | {max_len})
+    return [n for n in lengths if n <= max_len]
+
+
+def _admit(params, cache, state, keys, rows, limit, tokens, positions, segments, key, sampling, new_limit, slot,
+           length, is_stop, *, config, dtype, attention, cache_dtype, top_logprobs):
+    """Prefill one prompt `[1, P]` into a fresh one-row cache and move it into row `slot` of the running batch,
+    with the row's state, key, sampling parameters and limit. -> (cache, state, keys, rows, limit, first Emitted)."""
+    row = init_cache(config, 1, tokens.shape[1], cache_dtype)
+    row, first_state, first = prefill(params, row, tokens, positions, segments, key, sampling, is_stop,
+                                      config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
+    put = lambda full, one: full.at[slot].set(one[0])  # noqa: E731
+    state = jax.tree.map(put, state, first_state)
+    return (insert_row(cache, row, slot, length), state, put(keys, key), jax.tree.map(put, rows, sampling),
+            put(limit, new_limit), first)
+
+
+def _step(params, cache, state, keys, rows, is_stop, limit, busy, *, config, dtype, attention, width, kv_len,
+          top_logprobs):
+    """`decode_loop` over every row, rows not `busy` (bool `[batch]`) finished from the start."""
+    state = state._replace(done=state.done | ~busy)
+    return decode_loop(params, cache, state, keys, rows, is_stop, limit, config=config, dtype=dtype,
+                       attention=attention, width=width, top_logprobs=top_logprobs, kv_len=kv_len)
+
+
+class SlotEngine:
+    """`slots` rows of one KV cache of `max_len` slots each (prompt plus generated tokens, per request).
+
+    params:       per layer, as `Engine` takes them (`load_params(..., per_layer=True)`), used as they are when on the
+                  device; or stacked, then split per layer into the engine's own copy. One device.
+    stop_ids:     a request finishes when it emits any of these.
+    chunk:        decode steps per `step` call (a request admitted meanwhile waits at most that long).
+    top_logprobs: 0, or how many most likely tokens (with log-probabilities) to return with every token.
+    """
+
+    def __init__(self, params: Any, config: LlamaConfig, *, slots: int, max_len: int, stop_ids: Sequence[int] = (),
+                 cache_dtype=jnp.float32, dtype=jnp.float32, attention: str = "xla", chunk: int = 4,
+                 top_logprobs: int = 0):
+        check_attention(attention, dtype)
+        if slots < 1 or chunk < 1 or max_len < 2:
+            raise ValueError(f"need slots >= 1, chunk >= 1 and max_len >= 2, got {slots}, {chunk}, {max_len}")
+        self.config, self.slots, self.max_len, self.chunk = config, slots, max_len, chunk
+        params = jax.device_put(params)
+        self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
+        static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
+        self._options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(params) else {}
+        self._admit_fn = jax.jit(functools.partial(_admit, **static, cache_dtype=cache_dtype), donate_argnums=(1, 2))
+        self._step_fn = jax.jit(functools.partial(_step, **static, width=chunk), static_argnames="kv_len",
+                                donate_argnums=(1, 2))
+        self._programs: dict[tuple, Any] = {}  # ("admit", padded) / ("step", kv_len) -> compiled program
+        stop_mask = np.zeros(config.vocab_size, bool)
+        stop_mask[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
+        self.is_stop = jnp.asarray(stop_mask)
+        cache = init_cache(config, slots, max_len, cache_dtype)
+        self.cache = cache._replace(index=jnp.zeros(slots, jnp.int32))
+        zeros = lambda: jnp.zeros(slots, jnp.int32)  # noqa: E731  distinct buffers: the state is donated
+        self.state = DecodeState(zeros(), zeros(), jnp.ones(slots, bool), zeros())
+        self.keys = row_keys(0, slots)
+        self.rows: SamplingRows = jax.tree.map(jnp.asarray, sampling_rows([GREEDY] * slots))
+        self.limit = zeros()
+        self.length = np.zeros(slots, np.int64)  # host copy: tokens each busy row holds in the cache
+        self.busy = np.zeros(slots, bool)
+
+    def check(self, request: Request) -> None:
+        """ValueError unless the request fits a row: a prompt of ids in the vocabulary, room for its tokens."""
+        n = len(request.prompt)
+        if n < 1 or request.max_new_tokens < 1:
+            raise ValueError("a request needs a prompt of at least one token and max_new_tokens >= 1")
+        if any(not 0 <= t < self.config.vocab_size for t in request.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if n + request.max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={request.max_new_tokens} does not fit the "
+                             f"context of {self.max_len} tokens")
+
+    def free_slots(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.busy)]
+
+    def admit(self, slot: int, request: Request) -> Token:
+        """Prefill `request` into free row `slot`; returns its first token (check `finished` after)."""
+        self.check(request)
+        if self.busy[slot]:
+            raise ValueError(f"slot {slot} is busy")
+        n = len(request.prompt)
+        padded = next(p for p in prefill_lengths(self.max_len) if p >= n)
+        args = self._admit_args(request.prompt, padded, request, slot)
+        self.cache, self.state, self.keys, self.rows, self.limit, first = self._program("admit", padded, args)(*args)
+        self.busy[slot], self.length[slot] = True, n
+        return self._tokens(first)[0][0]
+
+    def finished(self) -> np.ndarray:
+        """bool `[slots]`: busy rows that have stopped or reached their limit (release them)."""
+        done, step, limit = (np.asarray(a) for a in (self.state.done, self.state.step, self.limit))
+        return self.busy & (done | (step >= limit))
+
+    def kv_len(self) -> int:
+        """The kv_len the next step runs with: every busy row's tokens after `chunk` more fit in it."""
+        need = int(self.length[self.busy].max(initial=0)) + self.chunk
+        return next(n for n in kv_lengths(self.max_len) if n >= min(need, self.max_len))
+
+    def step(self) -> list[list[Token]]:
+        """Up to `chunk` decode steps over the busy rows; returns each slot's new tokens (empty for idle rows)."""
+        kv_len = self.kv_len()
+        args = self._step_args()
+        self.cache, self.state, out = self._program("step", kv_len, args)(*args)
+        tokens = self._tokens(out)
+        self.length += max((len(t) for t in tokens), default=0)  # every row advanced once per step the loop ran
+        return tokens
+
+    def release(self, slot: int) -> None:
+        """Free row `slot` (its request stopped, reached its limit, or was abandoned)."""
+        self.busy[slot] = False
+
+    @staticmethod
+    def _tokens(out: Emitted) -> list[list[Token]]:
+        ids = np.asarray(out.tokens)
+        if out.logprob is None:
+            return [[Token(int(t)) for t in row if t != EMPTY] for row in ids]
+        logprob, top_ids, top_lp = (np.asarray(a) for a in (out.logprob, out.top_ids, out.top_logprobs))
+        return [[Token(int(ids[r, i]), float(logprob[r, i]),
+                       tuple(zip(top_ids[r, i].tolist(), top_lp[r, i].tolist(), strict=True)))
+                 for i in range(ids.shape[1]) if ids[r, i] != EMPTY] for r in range(ids.shape[0])]
+
+    def _admit_args(self, prompt, padded: int, request: Request, slot: int) -> tuple:
+        return (self.params, self.cache, self.state, self.keys, self.rows, self.limit, *left_pad([prompt], padded),
+                row_keys(request.seed, 1), sampling_rows([request.sampling]),
+                np.array([request.max_new_tokens], np.int32), np.int32(slot), np.int32(len(prompt)), self.is_stop)
+
+    def _step_args(self) -> tuple:
+        return (self.params, self.cache, self.state, self.keys, self.rows, self.is_stop, self.limit, self.busy)
+
+    def _program(self, kind: str, size: int, args: tuple):
+        """The compiled admission (prompts padded to `size`) or step (kv_len `size`), compiled on first use."""
+        if (kind, size) not in self._programs:
+            lowered = (self._admit_fn.lower(*args) if kind == "admit" else
+                       self._step_fn.lower(*args, kv_len=size))
+            self._programs[kind, size] = lowered.compile(compiler_options=self._options)
+        return self._programs[kind, size]
+
+    def warm_up(self) -> tuple[int, float]:
+        """Compile every admission and step shape now (none is compiled while serving); returns (programs,
+        seconds)."""
+        start = time.perf_counter()
+        probe = Request([0], 1)
+        for padded in prefill_lengths(self.max_len):
+            self._program("admit", padded, self._admit_args([0], padded, probe, 0))
+        for kv_len in kv_lengths(self.max_len):
+            self._program("step", kv_len, self._step_args())
+        return len(self._programs), time.perf_counter() - start
