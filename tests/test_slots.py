@@ -39,8 +39,8 @@ def solo(config, params, request, stop_ids):
 
 def serve(engine, requests, admit_every=2):
     """Admit a waiting request into a free slot every `admit_every` steps (so requests join running batches),
-    release finished rows at once; returns each request's tokens and the slots each one ran in."""
-    waiting, tokens, placed, owner, steps = list(range(len(requests))), {}, {}, {}, 0
+    release finished rows at once; returns each request's tokens and finish reason, and the slots each one ran in."""
+    waiting, tokens, placed, owner, reasons, steps = list(range(len(requests))), {}, {}, {}, {}, 0
     while waiting or owner:
         free = engine.free_slots()
         if waiting and free and steps % admit_every == 0:
@@ -52,10 +52,10 @@ def serve(engine, requests, admit_every=2):
                 if slot in owner:
                     tokens[owner[slot]].extend(t.id for t in new)
             steps += 1
-        for slot in np.flatnonzero(engine.finished()):
-            engine.release(int(slot))
-            owner.pop(int(slot))
-    return [tokens[i] for i in range(len(requests))], placed
+        for slot, reason in engine.finish_reasons().items():
+            engine.release(slot)
+            reasons[owner.pop(slot)] = reason
+    return [tokens[i] for i in range(len(requests))], [reasons[i] for i in range(len(requests))], placed
 
 
 def test_requests_joining_a_running_batch_equal_each_alone(gqa):
@@ -63,9 +63,11 @@ def test_requests_joining_a_running_batch_equal_each_alone(gqa):
     requests = requests_of(ref)
     stop = solo(config, params, requests[0], ())[6]  # request 0 (greedy) stops early at its 7th token
     engine = SlotEngine(params, config, slots=3, max_len=MAX_LEN, stop_ids=[stop], chunk=3)
-    got, placed = serve(engine, requests)
-    for request, tokens in zip(requests, got, strict=True):
+    got, reasons, placed = serve(engine, requests)
+    for request, tokens, reason in zip(requests, got, reasons, strict=True):
         assert tokens == solo(config, params, request, [stop]), request
+        assert reason == ("stop" if tokens[-1] == stop else "length") and (reason == "stop") == (len(tokens) <
+                                                                                              request.max_new_tokens)
     assert got[0][-1] == stop and len(got[0]) == 7
     assert sorted(placed.values()).count(0) >= 2  # freed slots were reused
     assert not engine.busy.any() and engine.free_slots() == [0, 1, 2]
@@ -105,3 +107,43 @@ def test_requests_that_do_not_fit_are_refused(gqa):
     with pytest.raises(ValueError, match="at least one token"):
         engine.admit(0, Request([], 2))
     assert engine.free_slots() == [0]
+
+
+def test_the_scheduler_serves_every_request_frees_cancelled_ones_and_refuses_when_full(gqa):
+    import threading
+
+    from llama_jax.generation import QueueFull, Scheduler
+
+    config, params, ref = gqa
+    requests = requests_of(ref)
+    engine = SlotEngine(params, config, slots=2, max_len=MAX_LEN, chunk=2)
+    scheduler = Scheduler(engine, max_waiting=len(requests))
+    got = {i: [] for i in range(len(requests) + 1)}
+    ended = {i: threading.Event() for i in got}
+
+    def emit_to(i):
+        def emit(update):
+            got[i].extend(t.id for t in update.tokens)
+            if update.finish_reason:
+                got[i].append(update.finish_reason)
+                ended[i].set()
+        return emit
+
+    endless = scheduler.submit(Request(requests[0].prompt, 40), emit_to(len(requests)))  # cancelled below
+    tickets = [scheduler.submit(r, emit_to(i)) for i, r in enumerate(requests[:-1])]
+    with pytest.raises(QueueFull):
+        scheduler.submit(requests[-1], emit_to(len(requests) - 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        scheduler.submit(Request([1] * 60, 6), emit_to(0))
+    scheduler.start()
+    while len(got[len(requests)]) < 3:
+        threading.Event().wait(0.01)
+    endless.cancel()
+    tickets.append(scheduler.submit(requests[-1], emit_to(len(requests) - 1)))
+    for i in range(len(requests)):
+        assert ended[i].wait(120), i
+    scheduler.close(timeout=60)
+    for i, request in enumerate(requests):
+        assert got[i][:-1] == solo(config, params, request, ()) and got[i][-1] == "length"
+    assert not ended[len(requests)].is_set() and len(got[len(requests)]) < 40  # the cancelled one stopped early
+    assert scheduler.load() == {"slots": 2, "busy": 0, "waiting": 0} and engine.free_slots() == [0, 1]

@@ -5,6 +5,7 @@ Imports `model` only. `SlotEngine` (slots.py) serves requests that join and leav
 from llama_jax.generation.engine import (Completion, Engine, Generation, bucket, cache_length, enable_compilation_cache,
                                          left_pad)
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
+from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
 from llama_jax.generation.slots import Request, SlotEngine, Token, kv_lengths, prefill_lengths
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
 from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows
@@ -13,5 +14,5 @@ __all__ = [
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Request", "SlotEngine", "Token",
-    "kv_lengths", "prefill_lengths",
+    "kv_lengths", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
 ]

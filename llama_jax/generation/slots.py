@@ -152,10 +152,10 @@ class SlotEngine:
         self.busy[slot], self.length[slot] = True, n
         return self._tokens(first)[0][0]
 
-    def finished(self) -> np.ndarray:
-        """bool `[slots]`: busy rows that have stopped or reached their limit (release them)."""
+    def finish_reasons(self) -> dict[int, str]:
+        """The busy rows that have finished (release them): slot -> "stop" (emitted a stop id) or "length"."""
         done, step, limit = (np.asarray(a) for a in (self.state.done, self.state.step, self.limit))
-        return self.busy & (done | (step >= limit))
+        return {int(s): "stop" if done[s] else "length" for s in np.flatnonzero(self.busy & (done | (step >= limit)))}
 
     def kv_len(self) -> int:
         """The kv_len the next step runs with: every busy row's tokens after `chunk` more fit in it."""

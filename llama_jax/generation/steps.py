@@ -103,7 +103,7 @@ def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_
         token = sample(logits, step_keys(keys, s.step), rows, candidates)
         new = emitted(logits, jnp.where(over, EMPTY, token), top_logprobs)
         out = jax.tree.map(lambda buffer, x: jax.lax.dynamic_update_slice_in_dim(buffer, x, i, axis=1), out, new)
-        state = DecodeState(token, s.position + 1, s.done | is_stop[token], s.step + 1)
+        state = DecodeState(token, s.position + 1, s.done | (~over & is_stop[token]), s.step + 1)
         return cache, state, out, i + 1
 
     cache, state, out, _ = jax.lax.while_loop(running, step, (cache, state, out, jnp.int32(0)))
