@@ -8,11 +8,12 @@ from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, 
 from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
 from llama_jax.generation.slots import Request, SlotEngine, Token, kv_lengths, prefill_lengths
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
-from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows
+from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows, token_logprobs
 
 __all__ = [
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Request", "SlotEngine", "Token",
     "kv_lengths", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
+    "token_logprobs",
 ]

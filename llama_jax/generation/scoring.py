@@ -57,9 +57,11 @@ def sliding_windows(length: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
-def token_nll(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: LlamaConfig, dtype, cache_dtype=None
-              ) -> jax.Array:
-    """-log p(token t | tokens before it) for t = 1.. of each row: tokens `[batch, seq]` -> float32 `[batch, seq-1]`.
+def token_logprobs(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: LlamaConfig, dtype,
+                   cache_dtype=None, top: int = 0) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """log p(token t | tokens before it) for t = 1.. of each row: tokens `[batch, seq]` -> float32 `[batch, seq-1]`;
+    with `top`, also the `top` most likely tokens at each of those positions (ids int32 and log-probabilities,
+    `[batch, seq-1, top]`), else None for both.
 
     cache_dtype: None, a plain forward; else the tokens go through an empty KV cache of that dtype as a prefill does
     (keys and values written to it, then attended from it: with int8, their quantization is in the score).
@@ -67,7 +69,17 @@ def token_nll(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: Ll
     cache = None if cache_dtype is None else init_cache(config, tokens.shape[0], tokens.shape[1], cache_dtype)
     logits, _ = forward(params, tokens, config, segment_ids=segment_ids, cache=cache, dtype=dtype)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    chosen = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if not top:
+        return chosen, None, None
+    values, ids = jax.lax.top_k(logp, top)
+    return chosen, ids.astype(jnp.int32), values
+
+
+def token_nll(params: Any, tokens: jax.Array, segment_ids: jax.Array, config: LlamaConfig, dtype, cache_dtype=None
+              ) -> jax.Array:
+    """-log p(token t | tokens before it) for t = 1.. of each row `[batch, seq-1]`: see `token_logprobs`."""
+    return -token_logprobs(params, tokens, segment_ids, config, dtype, cache_dtype)[0]
 
 
 def perplexity(params: Any, ids: Sequence[int], config: LlamaConfig, *, context: int, stride: int, batch_size: int,

@@ -1,0 +1,119 @@
+"""python -m infer.serve [CKPT_DIR] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-len N] [--api-key KEY]
+[--quantize int8] [--adapter DIR] [--dtype ...]: an OpenAI-compatible HTTP server with continuous batching.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. Requests share `--slots`
+rows of one KV cache of `--max-len` tokens each (prompt plus completion); a request waits when every slot is busy,
+and gets 429 once `--max-waiting` are waiting. Every program is compiled before the server listens. SIGTERM (or
+Ctrl-C) lets the requests in flight finish, then exits. Without CKPT_DIR it serves SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import jax.numpy as jnp
+
+from infer.weights import load_weights
+from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
+from llama_jax.errors import InputError, exit_code
+from llama_jax.generation import Scheduler, SlotEngine, enable_compilation_cache
+from llama_jax.model import COMPUTE_DTYPES, check_quantization
+from llama_jax.text import encoder_for
+
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT_DIR", help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="requests generated together")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per request, prompt plus completion")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 429s")
+    p.add_argument("--chunk", type=int, default=4, help="decode steps between admissions (and per stream event)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $LLAMA_JAX_API_KEY, else none)")
+    p.add_argument("--name", help="the model's name in the API (default: the checkpoint directory's name)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, help="KV-cache dtype (default: the compute dtype)")
+    p.add_argument("--quantize", metavar="int8", help="int8: quantize the weights while loading")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter for this model, not merged")
+    args = p.parse_args(argv)
+    if args.slots < 1 or args.max_len < 2 or args.max_waiting < 0 or args.chunk < 1:
+        p.error("--slots, --chunk must be >= 1, --max-len >= 2, --max-waiting >= 0")
+    if not 0 < args.port < 65536:
+        p.error(f"--port {args.port} is not a TCP port")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[serve] {message}", file=sys.stderr, flush=True)
+
+
+def build(args):
+    """Checkpoint -> (Service, engine programs compiled). Everything the server needs before it listens."""
+    from infer.serve.service import Service
+
+    if args.checkpoint is None:
+        args.checkpoint = smollm2_checkpoint(cache_home(), announce=lambda line: log(f"first use: {line}"))
+    checkpoint = open_checkpoint(args.checkpoint)
+    config = checkpoint.config
+    if args.quantize is not None:
+        check_quantization(args.quantize)
+    if args.max_len > config.max_position_embeddings:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {config.max_position_embeddings}")
+    dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
+    encoder = encoder_for(checkpoint)
+    enable_compilation_cache(cache_home() / "xla")
+    start = time.perf_counter()
+    params = load_weights(args, checkpoint, dtype, None)
+    log(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s")
+    engine = SlotEngine(params, config, slots=args.slots, max_len=args.max_len, stop_ids=checkpoint.stop_ids,
+                        cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5)
+    name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
+    service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
+                      params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name)
+    start = time.perf_counter()
+    programs, _ = engine.warm_up()
+    programs += service.warm_up()
+    log(f"compiled {programs} programs in {time.perf_counter() - start:.1f} s ({args.slots} slots x {args.max_len} "
+        f"tokens)")
+    return service
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from infer.serve.app import make_app
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                log(f"ready: http://{args.host}:{args.port}/v1 serving {service.name!r}")
+
+    service = build(args)
+    # uvicorn drains on SIGTERM, then raises it again under the handler found at start: let that one return, so
+    # that the server says it stopped and exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    service.scheduler.start()
+    config = uvicorn.Config(make_app(service, api_key=args.api_key), host=args.host, port=args.port,
+                            log_level="warning", timeout_graceful_shutdown=300)
+    Server(config).run()  # returns after SIGTERM/SIGINT once the open requests are done (exits 1 if it cannot bind)
+    log("stopped")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return exit_code(lambda: run(args), interrupted="interrupted", user_errors=(InputError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The HTTP endpoints (FastAPI): /v1/models, /v1/chat/completions, /v1/completions and /health, in OpenAI's
+request and response shapes, streamed as server-sent events when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from infer.serve.format import chat_logprobs, completion_logprobs, usage
+from infer.serve.protocol import ApiError, ChatRequest, CompletionRequest, Sampling
+from infer.serve.service import Piece, Service
+
+POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
+
+def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(service.scheduler.close)  # after uvicorn has let the open requests finish
+
+    app = FastAPI(title="llama_jax", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return ApiError(e.status_code, str(e.detail), kind="invalid_request_error").response()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        load = service.scheduler.load()
+        failed = service.scheduler.failed
+        return JSONResponse({"status": "error" if failed else "ok", **load, **({"error": failed} if failed else {})},
+                            status_code=503 if failed else 200)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
+                                            "owned_by": "llama_jax", "max_model_len": service.max_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        check(body)
+        ids = service.chat_ids(body.messages)
+        pieces = service.generate(ids, body, service.budget(ids, body), seed_of(body))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
+        if body.stream:
+            return sse(chat_stream(pieces, meta, body, len(ids)))
+        text, tokens, reason = await collect(pieces, request)
+        message = {"role": "assistant", "content": text}
+        logprobs = None if body.top() is None else chat_logprobs(service.encoder, tokens, body.top())
+        return {**meta, "object": "chat.completion", "usage": usage(len(ids), len(tokens)),
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}]}
+
+    async def chat_stream(pieces, meta, body: ChatRequest, prompt_tokens: int) -> AsyncIterator[dict]:
+        chunk = {**meta, "object": "chat.completion.chunk"}
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield {**chunk, "choices": [choice]}
+        count = 0
+        async for piece in pieces:
+            count += len(piece.tokens)
+            logprobs = None if body.top() is None else chat_logprobs(service.encoder, piece.tokens, body.top())
+            delta = {"content": piece.text} if piece.text else {}
+            yield {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": piece.finish_reason}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": usage(prompt_tokens, count)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check(body)
+        prompts = [service.prompt_ids(p) for p in body.prompts()]
+        if body.stream and len(prompts) > 1:
+            raise ApiError(400, "stream: one prompt at a time", param="stream")
+        budgets = [service.budget(ids, body) for ids in prompts] if body.max_tokens != 0 else [0] * len(prompts)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
+        seed = seed_of(body)
+        runs = [service.generate(ids, body, n, seed) if n else None for ids, n in zip(prompts, budgets, strict=True)]
+        if body.stream:
+            return sse(completion_stream(runs[0], meta, body, prompts[0]))
+        results = await asyncio.gather(*(collect(run, request) if run else done() for run in runs))
+        choices, total = [], 0
+        for index, (ids, (text, tokens, reason)) in enumerate(zip(prompts, results, strict=True)):
+            scored = await asyncio.to_thread(service.score, ids) if body.echo else []
+            prompt_text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
+            logprobs = None
+            if body.top() is not None:
+                logprobs = completion_logprobs(service.encoder, [*scored, *tokens], body.top())
+            choices.append({"index": index, "text": prompt_text + text, "logprobs": logprobs,
+                            "finish_reason": reason})
+            total += len(tokens)
+        return {**meta, "object": "text_completion", "choices": choices,
+                "usage": usage(sum(len(p) for p in prompts), total)}
+
+    async def completion_stream(pieces, meta, body: CompletionRequest, ids: list[int]) -> AsyncIterator[dict]:
+        chunk = {**meta, "object": "text_completion"}
+        count = 0
+        if body.echo:
+            scored = await asyncio.to_thread(service.score, ids) if body.top() is not None else []
+            logprobs = None if body.top() is None else completion_logprobs(service.encoder, scored, body.top())
+            text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False)
+            yield {**chunk, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]}
+        async for piece in pieces:
+            count += len(piece.tokens)
+            logprobs = None if body.top() is None else completion_logprobs(service.encoder, piece.tokens, body.top())
+            yield {**chunk, "choices": [{"index": 0, "text": piece.text, "logprobs": logprobs,
+                                         "finish_reason": piece.finish_reason}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": usage(len(ids), count)}
+
+    def check(body: Sampling) -> None:
+        body.check()
+        if body.model is not None and body.model != service.name:
+            raise ApiError(404, f"The model `{body.model}` does not exist (this server has `{service.name}`)",
+                           param="model", code="model_not_found")
+
+    return app
+
+
+def seed_of(body: Sampling) -> int:
+    return body.seed if body.seed is not None else secrets.randbits(31)
+
+
+async def done() -> tuple[str, list, str]:
+    """A choice with no generated tokens (max_tokens 0 with echo)."""
+    return "", [], "length"
+
+
+async def collect(pieces: AsyncIterator[Piece], request: Request) -> tuple[str, list, str | None]:
+    """A whole choice: (text, tokens, finish reason). Gives up (freeing the slot) if the client goes away."""
+    async def gather():
+        text, tokens, reason = [], [], None
+        async for piece in pieces:
+            text.append(piece.text)
+            tokens.extend(piece.tokens)
+            reason = piece.finish_reason
+        return "".join(text), tokens, reason
+
+    task = asyncio.ensure_future(gather())
+    while not (await asyncio.wait({task}, timeout=POLL_S))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await pieces.aclose()
+            raise ApiError(499, "the client went away")
+    return task.result()
+
+
+def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events in OpenAI's format: `data: {json}` per chunk, then `data: [DONE]`; an error that happens
+    after the stream started arrives as a last `data: {"error": ...}`."""
+    async def lines():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,145 @@
+"""The OpenAI request bodies the server accepts (unknown fields ignored, as OpenAI does), and its error object."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOP_LOGPROBS = 5
+MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    """An error the client gets as OpenAI's error object, with this HTTP status."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def unsupported(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param}: {why} is not supported by this server", param=param, code="unsupported_parameter")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Sampling(BaseModel):
+    """The fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        """ApiError 400 for what this server does not do (rather than silently ignoring it)."""
+        if self.n not in (None, 1):
+            raise unsupported("n", "more than one choice per prompt")
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of", "best_of > 1")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise unsupported(name, "a penalty")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit_bias")
+        if len(self.stops()) > MAX_STOPS:
+            raise ApiError(400, f"stop: at most {MAX_STOPS} sequences", param="stop")
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list | None = None
+    tool_choice: object = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            raise unsupported("tools", "tool calling")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise unsupported("response_format", "a structured response format")
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.max_tokens == 0:
+            raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top(self) -> int | None:
+        """None: no log-probabilities; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise unsupported("suffix", "insertion (suffix)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens 0 needs echo: true (prompt log-probabilities only)", param="max_tokens")
+        if self.stream and self.max_tokens == 0:
+            raise ApiError(400, "max_tokens 0 cannot be streamed", param="stream")
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def top(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        if not self.prompt:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        return list(self.prompt)

@@ -1,0 +1,152 @@
+"""Between HTTP and the engine: prompts to token ids, requests to the scheduler and its tokens back to text (stop
+strings cut there), log-probabilities in OpenAI's shapes, and the prompt scores that `echo` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from collections.abc import AsyncIterator, Sequence
+
+import jax
+import numpy as np
+
+from infer.serve.protocol import ApiError, Message, Sampling
+from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, prefill_lengths,
+                                  token_logprobs)
+from llama_jax.text import Encoder, StreamDecoder
+
+MAX_TOP = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """What one engine update adds to a choice: text (stop strings cut), its tokens, and the finish reason."""
+
+    text: str
+    tokens: list[Token]
+    finish_reason: str | None
+
+
+class TextStream:
+    """Token ids -> text increments, ending at the first stop string (which is not returned); text that could be the
+    start of a stop string is held back until it cannot."""
+
+    def __init__(self, encoder: Encoder, stops: Sequence[str]):
+        self.decoder, self.stops = StreamDecoder(encoder.tokenizer), list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, tokens: list[Token], finish_reason: str | None) -> Piece:
+        text = self.pending + self.decoder.push([t.id for t in tokens])
+        if finish_reason:
+            text += self.decoder.flush()
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            return Piece(text[:min(found)], tokens, "stop")
+        if finish_reason or not self.hold:
+            self.pending = ""
+            return Piece(text, tokens, finish_reason)
+        cut = max(0, len(text) - self.hold)
+        self.pending = text[cut:]
+        return Piece(text[:cut], tokens, None)
+
+
+class Service:
+    """The model behind the endpoints: `max_len` tokens of context per request."""
+
+    def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str):
+        self.encoder, self.scheduler, self.name, self.max_len = encoder, scheduler, name, max_len
+        self.config, self.params = config, params
+        self._score = jax.jit(functools.partial(token_logprobs, config=config, dtype=dtype, top=MAX_TOP))
+        self._scorers: dict[int, object] = {}  # padded prompt length -> compiled scorer
+
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return self.encoder.render(turns, add_generation_prompt=True)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encoder.tokenizer.encode(prompt).ids
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < self.config.vocab_size for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {self.config.vocab_size})", param="prompt")
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", param="prompt")
+        return ids
+
+    def budget(self, ids: list[int], body: Sampling) -> int:
+        """The request's max_tokens, checked against the context (ApiError 400 when the prompt leaves no room)."""
+        asked = body.limit()
+        room = self.max_len - len(ids)
+        if asked is None and room < 1 or asked is not None and asked > room:
+            raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
+                                f"requested {len(ids) + (asked or 1)} tokens ({len(ids)} in the prompt, "
+                                f"{asked or 1} for the completion)", param="max_tokens",
+                           code="context_length_exceeded")
+        return room if asked is None else asked
+
+    @staticmethod
+    def sampling(body: Sampling) -> SamplingParams:
+        """OpenAI's defaults (temperature 1, top_p 1) where the request is silent."""
+        return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p)
+
+    def generate(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> AsyncIterator[Piece]:
+        """Queue the request now (ApiError 429 when the queue is full, 503 while shutting down); returns its pieces
+        as the engine makes them. Leaving the iterator early (a client gone) frees the slot."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        request = Request(ids, max_tokens, self.sampling(body), seed)
+        try:
+            ticket = self.scheduler.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error",
+                           code="queue_full", retry_after=1) from None
+        except RuntimeError as e:
+            raise ApiError(503, str(e), kind="server_error", retry_after=5) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        return self._pieces(ticket, updates, TextStream(self.encoder, body.stops()))
+
+    @staticmethod
+    async def _pieces(ticket: Ticket, updates: asyncio.Queue, text: TextStream) -> AsyncIterator[Piece]:
+        try:
+            while True:
+                update = await updates.get()
+                if update.finish_reason == "error":
+                    raise ApiError(500, f"generation failed: {update.error}", kind="server_error")
+                piece = text.push(update.tokens, update.finish_reason)
+                yield piece
+                if piece.finish_reason:
+                    return
+        finally:
+            ticket.cancel()
+
+    def _scorer(self, padded: int):
+        if padded not in self._scorers:
+            rows = np.zeros((1, padded), np.int32)
+            self._scorers[padded] = self._score.lower(self.params, rows, rows).compile()
+        return self._scorers[padded]
+
+    def warm_up(self) -> int:
+        """Compile the prompt scorer for every prompt length bucket; returns how many programs."""
+        for padded in prefill_lengths(self.max_len):
+            self._scorer(padded)
+        return len(self._scorers)
+
+    def score(self, ids: list[int]) -> list[Token]:
+        """Each prompt token with its log-probability given the tokens before it (None for the first) and the
+        MAX_TOP most likely tokens there: `infer --perplexity`'s scoring (`token_logprobs`), one forward."""
+        padded = next(p for p in prefill_lengths(self.max_len) if p >= len(ids))
+        tokens = np.zeros((1, padded), np.int32)
+        segments = np.zeros((1, padded), np.int32)
+        tokens[0, :len(ids)], segments[0, :len(ids)] = ids, 1  # right padding: causal attention never sees it
+        chosen, top_ids, top_lp = (np.asarray(a)[0] for a in self._scorer(padded)(self.params, tokens, segments))
+        return [Token(ids[0])] + [Token(ids[t], float(chosen[t - 1]),
+                               tuple(zip(top_ids[t - 1].tolist(), top_lp[t - 1].tolist(), strict=True)))
+                         for t in range(1, len(ids))]

@@ -1,0 +1,202 @@
+"""`python -m infer.serve` with SmolLM2, driven by the official `openai` client: chat and completions, streamed
+and not; 32 concurrent requests each equal to the same request alone; a client leaving mid-stream frees its slot;
+every error case; prompt log-probabilities equal to `infer --perplexity`'s scoring; SIGTERM drains."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+SLOTS, MAX_LEN, WAITING = 8, 128, 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_checkpoint):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infer.serve", str(smollm2_checkpoint), "--port", str(port), "--slots", str(SLOTS),
+         "--max-len", str(MAX_LEN), "--max-waiting", str(WAITING), "--api-key", KEY, "--name", "smol"],
+        stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "ready:" in line:
+            break
+    else:
+        pytest.fail(f"the server did not start: {''.join(lines)}")
+    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+    yield process, f"http://127.0.0.1:{port}", lines
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def http(server, path, body=None, key=KEY, raw=None):
+    """(status, JSON body, headers) of a request sent without the client, so that anything can be sent."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(server[1] + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def idle(server):
+    """Wait until no slot is busy and nothing waits; returns /health's body."""
+    for _ in range(200):
+        status, body, _ = http(server, "/health", key=None)
+        if status == 200 and body["busy"] == body["waiting"] == 0:
+            return body
+        time.sleep(0.05)
+    pytest.fail(f"the server never went idle: {body}")
+
+
+def test_chat_and_completions_streamed_and_not(server, client):
+    assert [m.id for m in client.models.list()] == ["smol"]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 10
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    text = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 12
+    streamed = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=12,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    stopped = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=12,
+                                        temperature=0, stop=[text.choices[0].text.split()[1]])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert text.choices[0].text.startswith(stopped.choices[0].text) and len(stopped.choices[0].text) < len(
+        text.choices[0].text)
+
+
+def test_logprobs_and_echo(server, client, smollm2_checkpoint):
+    chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    for entry in chat.choices[0].logprobs.content:  # greedy: the chosen token is the most likely
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    text = "The licence gives you the freedom to share and change the software."
+    echo = client.completions.create(model="smol", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    choice = echo.choices[0]
+    assert choice.text == text and choice.logprobs.token_logprobs[0] is None
+    served = -np.mean(choice.logprobs.token_logprobs[1:])
+    # the same text through `infer --perplexity`'s scoring, one window holding all of it
+    from llama_jax.checkpoints import load_params, open_checkpoint
+    from llama_jax.generation import perplexity
+    from llama_jax.text import encoder_for
+
+    checkpoint = open_checkpoint(smollm2_checkpoint)
+    ids = encoder_for(checkpoint).tokenizer.encode(text).ids
+    direct = perplexity(load_params(checkpoint), ids, checkpoint.config, context=len(ids), stride=len(ids),
+                        batch_size=1)
+    assert direct.tokens == len(ids) - 1 == len(choice.logprobs.token_logprobs) - 1
+    assert abs(served - direct.nll) < 1e-4
+
+
+def prompts_for(i):
+    words = "one two three four five six seven eight nine ten".split()
+    return " ".join(words[:1 + i % 10]) + f" and then {i}"
+
+
+def test_32_concurrent_requests_each_equal_to_it_alone(server, client):
+    """16 different requests (greedy and seeded sampling, prompts of 4 to 16 tokens, 2 to 14 new tokens), each sent
+    twice at once: 32 concurrent requests over 8 slots, each equal to the request sent alone."""
+    requests = [dict(model="smol", prompt=prompts_for(i), max_tokens=2 + (i * 5) % 13,
+                     **(dict(temperature=0) if i % 2 else dict(temperature=0.9, top_p=0.9, seed=i))) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda r: client.completions.create(**r), requests + requests))
+    alone = [client.completions.create(**r) for r in requests]
+    for r, a, b in zip(requests + requests, together, alone + alone, strict=True):
+        assert a.choices[0].text == b.choices[0].text, r
+        assert a.usage.completion_tokens == b.usage.completion_tokens
+    assert idle(server)["slots"] == SLOTS
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
+    stream = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=100, temperature=0,
+                                       stream=True)
+    next(iter(stream))
+    stream.close()
+    idle(server)
+    done = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert done.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("body, status, match", [
+    (None, 400, "JSON"),
+    ({"model": "smol", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "smol", "prompt": 5}, 400, "prompt"),
+    ({"model": "smol", "prompt": "x", "max_tokens": MAX_LEN}, 400, "maximum context length"),
+    ({"model": "smol", "prompt": "x", "n": 2}, 400, "n: "),
+    ({"model": "smol", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "smol", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ({"model": "smol", "prompt": [99999999]}, 400, "token ids"),
+    ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
+     "tool"),
+    ({"model": "smol", "messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, match):
+    path = "/v1/chat/completions" if body and "messages" in body else "/v1/completions"
+    got, error, _ = http(server, path, body, raw=b"{not json" if body is None else None)
+    assert got == status and match in error["error"]["message"], error
+    assert set(error["error"]) >= {"message", "type", "code"}
+
+
+def test_api_key_unknown_fields_and_a_full_queue(server):
+    assert http(server, "/v1/models", key=None)[0] == 401
+    assert http(server, "/v1/models", key="wrong")[0] == 401
+    assert http(server, "/health", key=None)[0] == 200
+    ok, body, _ = http(server, "/v1/completions", {"model": "smol", "prompt": "x", "max_tokens": 2, "whatever": 1})
+    assert ok == 200 and body["usage"]["completion_tokens"] == 2
+    burst = {"model": "smol", "prompt": "Count: one two", "max_tokens": 12, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(SLOTS + WAITING + 16) as pool:
+        replies = list(pool.map(lambda _: http(server, "/v1/completions", burst), range(SLOTS + WAITING + 16)))
+    refused = [r for r in replies if r[0] == 429]
+    assert refused and all(r[2]["Retry-After"] for r in refused)
+    served = [r for r in replies if r[0] != 429]
+    assert all(r[0] == 200 for r in served) and len({r[1]["choices"][0]["text"] for r in served}) == 1
+    assert idle(server)["status"] == "ok"
+
+
+def test_sigterm_lets_requests_in_flight_finish(server, client):
+    process = server[0]
+    result = concurrent.futures.ThreadPoolExecutor(1).submit(
+        client.completions.create, model="smol", prompt="Once upon a time", max_tokens=40, temperature=0)
+    while http(server, "/health", key=None)[1]["busy"] == 0:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGTERM)
+    assert result.result(timeout=120).usage.completion_tokens == 40
+    assert process.wait(timeout=60) == 0
+    assert "stopped" in "".join(server[2])
