@@ -1,0 +1,1 @@
+"""`python -m infer.serve`: the OpenAI-compatible HTTP server."""
