@@ -162,9 +162,11 @@ class SlotEngine:
         need = int(self.length[self.busy].max(initial=0)) + self.chunk
         return next(n for n in kv_lengths(self.max_len) if n >= min(need, self.max_len))
 
-    def step(self) -> list[list[Token]]:
-        """Up to `chunk` decode steps over the busy rows; returns each slot's new tokens (empty for idle rows)."""
-        kv_len = self.kv_len()
+    def step(self, kv_len: int | None = None) -> list[list[Token]]:
+        """Up to `chunk` decode steps over the busy rows; returns each slot's new tokens (empty for idle rows).
+        kv_len: the slots attended over (default `kv_len()`, the fewest that hold the rows; a benchmark may ask for
+        more, up to max_len, to compare)."""
+        kv_len = self.kv_len() if kv_len is None else kv_len
         args = self._step_args()
         self.cache, self.state, out = self._program("step", kv_len, args)(*args)
         tokens = self._tokens(out)
