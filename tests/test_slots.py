@@ -147,3 +147,22 @@ def test_the_scheduler_serves_every_request_frees_cancelled_ones_and_refuses_whe
         assert got[i][:-1] == solo(config, params, request, ()) and got[i][-1] == "length"
     assert not ended[len(requests)].is_set() and len(got[len(requests)]) < 40  # the cancelled one stopped early
     assert scheduler.load() == {"slots": 2, "busy": 0, "waiting": 0} and engine.free_slots() == [0, 1]
+
+
+def test_resuming_a_row_equals_generating_from_the_whole_conversation(gqa):
+    """A conversation's second turn prefilled after the first turn's cached tokens (while another row decodes and
+    the freed row idles through its steps) equals generating from the whole token sequence at once."""
+    config, params, ref = gqa
+    first, other, _, later = requests_of(ref)[:4]
+    engine = SlotEngine(params, config, slots=2, max_len=MAX_LEN, chunk=3)
+    reply = [engine.admit(0, Request(first.prompt, 5)).id]
+    engine.admit(1, Request(other.prompt, 20))
+    while 0 not in engine.finish_reasons():
+        reply += [t.id for t in engine.step()[0]]
+    engine.release(0)
+    engine.step()  # row 0 is free: its slots advance as padding
+    turn = [reply[-1]] + list(later.prompt)  # the last token was never fed back: it starts the next turn
+    second = [engine.resume(0, Request(turn, 8), position=len(first.prompt) + len(reply) - 1).id]
+    while 0 not in engine.finish_reasons():
+        second += [t.id for t in engine.step()[0]]
+    assert second == solo(config, params, Request(list(first.prompt) + reply + list(later.prompt), 8), ())

@@ -30,7 +30,7 @@ from llama_jax.generation.engine import bucket, left_pad
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sampling_rows
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, prefill
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, LlamaConfig, check_attention, init_cache, insert_row,
-                             narrow_weight_options, unstack_layers)
+                             narrow_weight_options, put_row, take_row, unstack_layers)
 
 MIN_KV_LEN = 64  # the smallest kv_len a step attends over
 
@@ -67,6 +67,13 @@ def prefill_lengths(max_len: int) -> list[int]:
     return [n for n in lengths if n <= max_len]
 
 
+def _place(slot, state, keys, rows, limit, new_state, key, sampling, new_limit):
+    """The per-row arrays with row `slot` set from one-row ones."""
+    put = lambda full, one: full.at[slot].set(one[0])  # noqa: E731
+    return (jax.tree.map(put, state, new_state), put(keys, key), jax.tree.map(put, rows, sampling),
+            put(limit, new_limit))
+
+
 def _admit(params, cache, state, keys, rows, limit, tokens, positions, segments, key, sampling, new_limit, slot,
            length, is_stop, *, config, dtype, attention, cache_dtype, top_logprobs):
     """Prefill one prompt `[1, P]` into a fresh one-row cache and move it into row `slot` of the running batch,
@@ -74,10 +81,19 @@ def _admit(params, cache, state, keys, rows, limit, tokens, positions, segments,
     row = init_cache(config, 1, tokens.shape[1], cache_dtype)
     row, first_state, first = prefill(params, row, tokens, positions, segments, key, sampling, is_stop,
                                       config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
-    put = lambda full, one: full.at[slot].set(one[0])  # noqa: E731
-    state = jax.tree.map(put, state, first_state)
-    return (insert_row(cache, row, slot, length), state, put(keys, key), jax.tree.map(put, rows, sampling),
-            put(limit, new_limit), first)
+    placed = _place(slot, state, keys, rows, limit, first_state, key, sampling, new_limit)
+    return insert_row(cache, row, slot, length), *placed, first
+
+
+def _resume(params, cache, state, keys, rows, limit, tokens, positions, segments, key, sampling, new_limit, slot,
+            is_stop, *, config, dtype, attention, top_logprobs, kv_len):
+    """`_admit`, the prompt `[1, P]` prefilled after the tokens row `slot` already holds (attending over its first
+    kv_len slots)."""
+    row, first_state, first = prefill(params, take_row(cache, slot), tokens, positions, segments, key, sampling,
+                                      is_stop, config=config, dtype=dtype, attention=attention,
+                                      top_logprobs=top_logprobs, kv_len=kv_len)
+    placed = _place(slot, state, keys, rows, limit, first_state, key, sampling, new_limit)
+    return put_row(cache, row, slot), *placed, first
 
 
 def _step(params, cache, state, keys, rows, is_stop, limit, busy, *, config, dtype, attention, width, kv_len,
@@ -112,6 +128,8 @@ class SlotEngine:
         self._admit_fn = jax.jit(functools.partial(_admit, **static, cache_dtype=cache_dtype), donate_argnums=(1, 2))
         self._step_fn = jax.jit(functools.partial(_step, **static, width=chunk), static_argnames="kv_len",
                                 donate_argnums=(1, 2))
+        self._resume_fn = jax.jit(functools.partial(_resume, **static), static_argnames="kv_len",
+                                  donate_argnums=(1, 2))
         self._programs: dict[tuple, Any] = {}  # ("admit", padded) / ("step", kv_len) -> compiled program
         stop_mask = np.zeros(config.vocab_size, bool)
         stop_mask[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
@@ -150,6 +168,31 @@ class SlotEngine:
         args = self._admit_args(request.prompt, padded, request, slot)
         self.cache, self.state, self.keys, self.rows, self.limit, first = self._program("admit", padded, args)(*args)
         self.busy[slot], self.length[slot] = True, n
+        return self._tokens(first)[0][0]
+
+    def resume(self, slot: int, request: Request, position: int) -> Token:
+        """Like `admit`, with `request.prompt` put after the tokens free row `slot` still holds from its last request
+        (a conversation's earlier turns: not prefilled again). position: the RoPE position of the prompt's first
+        token, the number of tokens the row holds (the last request's prompt and every token it emitted but the
+        last, which was never fed back)."""
+        self.check(request)
+        if self.busy[slot]:
+            raise ValueError(f"slot {slot} is busy")
+        n = len(request.prompt)
+        padded = next(p for p in prefill_lengths(self.max_len) if p >= n)
+        start = int(self.length[slot])
+        if start + padded + request.max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"{n} more tokens and max_new_tokens={request.max_new_tokens} do not fit after the "
+                             f"{start} slots this row holds (context {self.max_len})")
+        tokens, positions, segments = left_pad([request.prompt], padded)
+        args = (self.params, self.cache, self.state, self.keys, self.rows, self.limit, tokens,
+                np.where(segments > 0, positions + position, 0), segments, row_keys(request.seed, 1),
+                sampling_rows([request.sampling]), np.array([request.max_new_tokens], np.int32), np.int32(slot),
+                self.is_stop)
+        kv_len = next(k for k in kv_lengths(self.max_len) if k >= start + padded)
+        self.cache, self.state, self.keys, self.rows, self.limit, first = self._program(
+            "resume", (padded, kv_len), args)(*args)
+        self.busy[slot], self.length[slot] = True, start + padded
         return self._tokens(first)[0][0]
 
     def finish_reasons(self) -> dict[int, str]:
@@ -195,11 +238,16 @@ class SlotEngine:
     def _step_args(self) -> tuple:
         return (self.params, self.cache, self.state, self.keys, self.rows, self.is_stop, self.limit, self.busy)
 
-    def _program(self, kind: str, size: int, args: tuple):
-        """The compiled admission (prompts padded to `size`) or step (kv_len `size`), compiled on first use."""
+    def _program(self, kind: str, size, args: tuple):
+        """The compiled admission (prompts padded to `size`), step (kv_len `size`) or resumption ((padded, kv_len)),
+        compiled on first use."""
         if (kind, size) not in self._programs:
-            lowered = (self._admit_fn.lower(*args) if kind == "admit" else
-                       self._step_fn.lower(*args, kv_len=size))
+            if kind == "admit":
+                lowered = self._admit_fn.lower(*args)
+            elif kind == "step":
+                lowered = self._step_fn.lower(*args, kv_len=size)
+            else:
+                lowered = self._resume_fn.lower(*args, kv_len=size[1])
             self._programs[kind, size] = lowered.compile(compiler_options=self._options)
         return self._programs[kind, size]
 

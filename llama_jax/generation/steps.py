@@ -50,23 +50,27 @@ def emitted(logits: jax.Array, tokens: jax.Array, top_logprobs: int) -> Emitted:
 
 
 def decode_step(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
-                dtype=jnp.float32, attention: str = "xla", kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+                dtype=jnp.float32, attention: str = "xla", kv_len: int | None = None, live: jax.Array | None = None
+                ) -> tuple[jax.Array, KVCache]:
     """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache
-    (attending over the cache's first kv_len slots: see `forward`)."""
-    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None], cache=cache, dtype=dtype,
-                            attention=attention, kv_len=kv_len)
+    (attending over the cache's first kv_len slots: see `forward`). live: bool `[batch]`, rows whose token is real;
+    the others' slots are written as padding (segment 0), so that a row that goes on later never sees them."""
+    segments = None if live is None else live[:, None].astype(jnp.int32)
+    logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None], segment_ids=segments,
+                            cache=cache, dtype=dtype, attention=attention, kv_len=kv_len)
     return logits[:, 0], cache
 
 
 def prefill(params, cache, tokens, positions, segment_ids, keys, rows: SamplingRows, is_stop, *, config, dtype,
-            attention, candidates=None, top_logprobs=0) -> tuple[KVCache, DecodeState, Emitted]:
-    """Prompts `[batch, seq]` into an empty cache; samples each row's first token.
+            attention, candidates=None, top_logprobs=0, kv_len=None) -> tuple[KVCache, DecodeState, Emitted]:
+    """Prompts `[batch, seq]` into the cache (after what it holds); samples each row's first token.
 
     keys: `[batch]` PRNG keys, one stream per row; rows: each row's sampling parameters; is_stop: bool `[vocab]`,
-    the stop tokens; candidates: see `sample`. Returns (cache, state, the first tokens as Emitted of width 1).
+    the stop tokens; candidates: see `sample`; kv_len: see `forward`. Returns (cache, state, the first tokens as
+    Emitted of width 1).
     """
     logits, cache = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, cache=cache,
-                            dtype=dtype, last_only=True, attention=attention)
+                            dtype=dtype, last_only=True, attention=attention, kv_len=kv_len)
     logits = logits[:, -1]
     first = sample(logits, step_keys(keys, 0), rows, candidates)
     state = DecodeState(first, positions[:, -1] + 1, is_stop[first], jnp.ones_like(first))
@@ -99,7 +103,7 @@ def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_
         cache, s, out, i = carry
         over = finished(s)
         logits, cache = decode_step(params, cache, jnp.where(over, 0, s.token), s.position, config, dtype,
-                                    attention, kv_len)
+                                    attention, kv_len, ~over)
         token = sample(logits, step_keys(keys, s.step), rows, candidates)
         new = emitted(logits, jnp.where(over, EMPTY, token), top_logprobs)
         out = jax.tree.map(lambda buffer, x: jax.lax.dynamic_update_slice_in_dim(buffer, x, i, axis=1), out, new)

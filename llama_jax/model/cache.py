@@ -111,3 +111,18 @@ def insert_row(cache: KVCache, row: KVCache, slot: jax.Array | int, length: jax.
         jnp.roll(row.segment_ids, -shift, axis=1))
     segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segments, (slot, 0))
     return KVCache(kv[0], kv[1], segment_ids, cache.index.at[slot].set(length), kv[2], kv[3])
+
+
+def take_row(cache: KVCache, slot: jax.Array | int) -> KVCache:
+    """Row `slot` of a cache whose index is `[batch]`, as a one-row cache (index `[1]`)."""
+    take = lambda a, axis: None if a is None else jax.lax.dynamic_slice_in_dim(a, slot, 1, axis)  # noqa: E731
+    return KVCache(take(cache.k, 1), take(cache.v, 1), take(cache.segment_ids, 0), take(cache.index, 0),
+                   take(cache.k_scale, 1), take(cache.v_scale, 1))
+
+
+def put_row(cache: KVCache, row: KVCache, slot: jax.Array | int) -> KVCache:
+    """`cache` with row `slot` replaced by `row` (one row of the same max_len, as `take_row` gives)."""
+    kv = [None if b is None else write(b, n, (0, slot, 0, 0, 0)) for b, n in zip(
+        (cache.k, cache.v, cache.k_scale, cache.v_scale), (row.k, row.v, row.k_scale, row.v_scale))]
+    return KVCache(kv[0], kv[1], jax.lax.dynamic_update_slice(cache.segment_ids, row.segment_ids, (slot, 0)),
+                   jax.lax.dynamic_update_slice(cache.index, row.index, (slot,)), kv[2], kv[3])
