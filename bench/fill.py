@@ -39,7 +39,8 @@ def measure(args) -> list[list[str]]:
                             chunk=args.chunk)
         prompt = int(fill * args.max_len) - args.chunk * (args.rounds + 2)  # the rows end the run at that fill
         for slot in range(args.slots):
-            engine.admit(slot, Request([1 + (slot + i) % (config.vocab_size - 1) for i in range(prompt)], args.max_len - prompt))
+            ids = [1 + (slot + i) % (config.vocab_size - 1) for i in range(prompt)]
+            engine.admit(slot, Request(ids, args.max_len - prompt))
         engine.step()  # compiles (or loads) the step program
         ms = step_ms(engine, engine.kv_len(), args.rounds)
         base = base or ms

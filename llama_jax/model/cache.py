@@ -74,8 +74,9 @@ def write_rows(buffer: jax.Array, new: jax.Array, layer: jax.Array | int, index:
     `[layer, b, :, index[b] : index[b] + seq]` (index a scalar: the same slots in every row)."""
     if jnp.ndim(index) == 0:
         return write(buffer, new[None], (layer, 0, 0, index, 0))
-    row = lambda buf, x, i: write(buf, x[None], (layer, 0, i, 0))  # noqa: E731  buf [layers, kv_heads, max_len, d]
-    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, index)
+    for row in range(new.shape[0]):  # one in-place update per row: XLA:CPU copies the whole buffer for a scatter
+        buffer = write(buffer, new[None, row:row + 1], (layer, row, 0, index[row], 0))
+    return buffer
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:

@@ -128,8 +128,9 @@ def write_segments(kv_segments: jax.Array, segment_ids: jax.Array, offset: jax.A
     scalar, or `[batch]`: each row at its own)."""
     if jnp.ndim(offset) == 0:
         return jax.lax.dynamic_update_slice(kv_segments, segment_ids, (0, offset))
-    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i,)))(kv_segments, segment_ids,
-                                                                                        offset)
+    for row in range(segment_ids.shape[0]):  # in place, row by row (see cache.write_rows)
+        kv_segments = jax.lax.dynamic_update_slice(kv_segments, segment_ids[row:row + 1], (row, offset[row]))
+    return kv_segments
 
 
 def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
