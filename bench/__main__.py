@@ -15,6 +15,9 @@ appends a dated entry to the "Inference and training" section of --out (other se
        interleaved (bench/int8.py). About 5 minutes.
   lora SmolLM2-135M-Instruct training steps: LoRA (rank 16) against our full fine-tune and against torch + PEFT
        on the same batch (bench/lora.py; peft is a test dependency). About 3 minutes.
+  serve `python -m infer.serve` against llama-cpp-python's OpenAI server on the same SmolLM2 weights, 1, 8 and 32
+       concurrent openai clients: output tokens/s, p50/p95 TTFT and inter-token latency; the slot engine's decode
+       step at 10% and 100% cache fill (bench/serving.py; `pip install -e .[bench]`). About 8 minutes.
   gpu  Llama-3-8B shape in bfloat16 (random weights made on the device): decode at batch 1/8/64 and TTFT against
        the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
        Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any
@@ -44,7 +47,7 @@ from llama_jax.model import PRESETS
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("cpu", "gpu", "int8", "lora"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu", "int8", "lora", "serve"), default="cpu")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append the entry to ('' for none)")
     p.add_argument("--out-dir", type=Path, help="also write results.json and results.md here")
     p.add_argument("--quick", action="store_true", help="fewer runs and shapes (cpu: no batch 64, no bf16 profile)")
@@ -101,6 +104,11 @@ def main(argv=None) -> int:
         results.update(cpu.run(args, results["limits"]))
         if args.convert_preset != "none":
             results["conversion"] = cpu.conversion(args, command)
+    elif args.suite == "serve":
+        from bench import serving
+
+        results["limits"] = machine.limits(repeats=3)
+        results.update(serving.run(args))
     elif args.suite in ("int8", "lora"):
         from bench import int8, lora
 

@@ -247,6 +247,10 @@ def markdown(results: dict) -> str:
                      f"{s['rank']}, alpha {2 * s['rank']}, all seven projections; torch on {s['torch_threads']} "
                      "threads in a child process; a LoRA step's MFU counts 4/6 of a full step's FLOPs")
         lines += ["", "Training step, LoRA and full:", "", lora_table(results["lora_train"])]
+    if results["suite"] == "serve":
+        from bench import serving
+
+        lines += ["", serving.markdown(results, results["new_tokens"])]
     lines += targets(results)
     for key, title, table in (("decode", "Decode", decode_table), ("prefill", "Time to first token", prefill_table),
                               ("train", "Training step", train_table), ("profile", "Decode step profile",

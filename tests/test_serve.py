@@ -190,6 +190,17 @@ def test_api_key_unknown_fields_and_a_full_queue(server):
     assert idle(server)["status"] == "ok"
 
 
+def test_tokenizer_endpoints_as_vllm_has_them(server):
+    """lm-evaluation-harness's remote tokenizer: /tokenizer_info, /tokenize, /detokenize (behind the key too)."""
+    status, info, _ = http(server, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] and "{%" in info["chat_template"]
+    _, tokenized, _ = http(server, "/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
+    assert tokenized["count"] == len(tokenized["tokens"]) == 2
+    assert http(server, "/detokenize", {"tokens": tokenized["tokens"]})[1]["prompt"] == "Hello world"
+    assert http(server, "/detokenize", {"tokens": [10 ** 9]})[0] == 400
+    assert http(server, "/tokenize", {"prompt": "x"}, key=None)[0] == 401
+
+
 def test_sigterm_lets_requests_in_flight_finish(server, client):
     process = server[0]
     result = concurrent.futures.ThreadPoolExecutor(1).submit(

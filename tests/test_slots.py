@@ -166,3 +166,15 @@ def test_resuming_a_row_equals_generating_from_the_whole_conversation(gqa):
     while 0 not in engine.finish_reasons():
         second += [t.id for t in engine.step()[0]]
     assert second == solo(config, params, Request(list(first.prompt) + reply + list(later.prompt), 8), ())
+
+
+@pytest.mark.parametrize("spec", ["data=2,tensor=4"])
+def test_a_sharded_slot_engine_equals_one_device(gqa, spec):
+    import llama_jax as lj
+
+    config, params, ref = gqa
+    requests = requests_of(ref)[:4]
+    single = SlotEngine(params, config, slots=4, max_len=MAX_LEN, chunk=3)
+    sharded = SlotEngine(params, config, slots=4, max_len=MAX_LEN, chunk=3, mesh=lj.make_mesh(spec))
+    assert len(sharded.cache.k.sharding.device_set) == 8
+    assert serve(sharded, requests)[:2] == serve(single, requests)[:2]

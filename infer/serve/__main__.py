@@ -1,5 +1,6 @@
 """python -m infer.serve [CKPT_DIR] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-len N] [--api-key KEY]
-[--quantize int8] [--adapter DIR] [--dtype ...]: an OpenAI-compatible HTTP server with continuous batching.
+[--quantize int8] [--adapter DIR] [--mesh SPEC] [--dtype ...]: an OpenAI-compatible HTTP server with continuous
+batching.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. Requests share `--slots`
 rows of one KV cache of `--max-len` tokens each (prompt plus completion); a request waits when every slot is busy,
@@ -21,7 +22,7 @@ from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
 from llama_jax.generation import Scheduler, SlotEngine, enable_compilation_cache
-from llama_jax.model import COMPUTE_DTYPES, check_quantization
+from llama_jax.model import COMPUTE_DTYPES, check_quantization, make_mesh
 from llama_jax.text import encoder_for
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
@@ -40,6 +41,7 @@ def parse_args(argv):
     p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $LLAMA_JAX_API_KEY, else none)")
     p.add_argument("--name", help="the model's name in the API (default: the checkpoint directory's name)")
+    p.add_argument("--mesh", metavar="SPEC", help="e.g. data=2,tensor=4: rows over data, heads over tensor")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, help="KV-cache dtype (default: the compute dtype)")
     p.add_argument("--quantize", metavar="int8", help="int8: quantize the weights while loading")
@@ -72,13 +74,14 @@ def build(args):
     encoder = encoder_for(checkpoint)
     enable_compilation_cache(cache_home() / "xla")
     start = time.perf_counter()
-    params = load_weights(args, checkpoint, dtype, None)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    params = load_weights(args, checkpoint, dtype, mesh)
     log(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s")
     engine = SlotEngine(params, config, slots=args.slots, max_len=args.max_len, stop_ids=checkpoint.stop_ids,
-                        cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5)
+                        cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
     name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
     service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
-                      params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name)
+                      params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name, mesh=mesh)
     start = time.perf_counter()
     programs, _ = engine.warm_up()
     programs += service.warm_up()

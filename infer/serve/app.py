@@ -16,8 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from infer.serve.format import chat_logprobs, completion_logprobs, usage
-from infer.serve.protocol import ApiError, ChatRequest, CompletionRequest, Sampling
+from infer.serve.format import chat_logprobs, completion_logprobs, token_text, usage
+from infer.serve.protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Sampling,
+                                   TokenizeRequest)
 from infer.serve.service import Piece, Service
 
 POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
@@ -47,7 +48,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
+        if api_key is not None and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
@@ -65,6 +66,24 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
                                             "owned_by": "llama_jax", "max_model_len": service.max_len}]}
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness tokenizes through them (its "remote" tokenizer backend)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        encoder = service.encoder
+        eos = None if encoder.eos_id is None else token_text(encoder, encoder.eos_id)
+        return {"eos_token": eos, "bos_token": encoder.bos_token or None, "pad_token": None,
+                "chat_template": encoder.chat_template, "model_max_length": service.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        ids = service.encoder.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        service.prompt_ids(body.tokens or [0])  # 400 unless every id is in the vocabulary
+        return {"prompt": service.encoder.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):

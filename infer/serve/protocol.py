@@ -143,3 +143,14 @@ class CompletionRequest(Sampling):
         if not self.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]

@@ -4,6 +4,7 @@ strings cut there), log-probabilities in OpenAI's shapes, and the prompt scores 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 from collections.abc import AsyncIterator, Sequence
@@ -55,9 +56,10 @@ class TextStream:
 class Service:
     """The model behind the endpoints: `max_len` tokens of context per request."""
 
-    def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str):
+    def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str,
+                 mesh=None):
         self.encoder, self.scheduler, self.name, self.max_len = encoder, scheduler, name, max_len
-        self.config, self.params = config, params
+        self.config, self.params, self.mesh = config, params, mesh
         self._score = jax.jit(functools.partial(token_logprobs, config=config, dtype=dtype, top=MAX_TOP))
         self._scorers: dict[int, object] = {}  # padded prompt length -> compiled scorer
 
@@ -130,7 +132,8 @@ class Service:
     def _scorer(self, padded: int):
         if padded not in self._scorers:
             rows = np.zeros((1, padded), np.int32)
-            self._scorers[padded] = self._score.lower(self.params, rows, rows).compile()
+            with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+                self._scorers[padded] = self._score.lower(self.params, rows, rows).compile()
         return self._scorers[padded]
 
     def warm_up(self) -> int:

@@ -16,6 +16,7 @@ follows the tokens cached, not the cache's size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -27,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.generation.engine import bucket, left_pad
-from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sampling_rows
+from llama_jax.generation.sampling import GREEDY, SamplingParams, row_keys, sampling_rows
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, prefill
-from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, LlamaConfig, check_attention, init_cache, insert_row,
-                             narrow_weight_options, put_row, take_row, unstack_layers)
+from llama_jax.model import (CACHE_NAMES, CPU_NARROW_WEIGHT_OPTIONS, LlamaConfig, check_attention, init_cache,
+                             insert_row, named_sharding, narrow_weight_options, param_logical_names, put_row,
+                             take_row, tree_shardings, unstack_layers)
 
 MIN_KV_LEN = 64  # the smallest kv_len a step attends over
 
@@ -108,41 +110,52 @@ class SlotEngine:
     """`slots` rows of one KV cache of `max_len` slots each (prompt plus generated tokens, per request).
 
     params:       per layer, as `Engine` takes them (`load_params(..., per_layer=True)`), used as they are when on the
-                  device; or stacked, then split per layer into the engine's own copy. One device.
+                  device(s) in their layout; or stacked, then split per layer into the engine's own copy.
     stop_ids:     a request finishes when it emits any of these.
     chunk:        decode steps per `step` call (a request admitted meanwhile waits at most that long).
     top_logprobs: 0, or how many most likely tokens (with log-probabilities) to return with every token.
+    mesh:         a mesh with axes data/fsdp/tensor: weights as `Engine` lays them out, the cache's rows over data
+                  and its heads over tensor.
     """
 
     def __init__(self, params: Any, config: LlamaConfig, *, slots: int, max_len: int, stop_ids: Sequence[int] = (),
                  cache_dtype=jnp.float32, dtype=jnp.float32, attention: str = "xla", chunk: int = 4,
-                 top_logprobs: int = 0):
+                 top_logprobs: int = 0, mesh: jax.sharding.Mesh | None = None):
         check_attention(attention, dtype)
         if slots < 1 or chunk < 1 or max_len < 2:
             raise ValueError(f"need slots >= 1, chunk >= 1 and max_len >= 2, got {slots}, {chunk}, {max_len}")
-        self.config, self.slots, self.max_len, self.chunk = config, slots, max_len, chunk
-        params = jax.device_put(params)
-        self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
-        static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
-        self._options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(params) else {}
-        self._admit_fn = jax.jit(functools.partial(_admit, **static, cache_dtype=cache_dtype), donate_argnums=(1, 2))
-        self._step_fn = jax.jit(functools.partial(_step, **static, width=chunk), static_argnames="kv_len",
-                                donate_argnums=(1, 2))
-        self._resume_fn = jax.jit(functools.partial(_resume, **static), static_argnames="kv_len",
-                                  donate_argnums=(1, 2))
-        self._programs: dict[tuple, Any] = {}  # ("admit", padded) / ("step", kv_len) -> compiled program
+        self.config, self.slots, self.max_len, self.chunk, self.mesh = config, slots, max_len, chunk, mesh
+        names = param_logical_names(config, unstacked="layers" not in params)
+        params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
+        with self._on_mesh():
+            self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
         stop_mask = np.zeros(config.vocab_size, bool)
         stop_mask[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
-        self.is_stop = jnp.asarray(stop_mask)
+        zeros = lambda: np.zeros(slots, np.int32)  # noqa: E731  distinct buffers: the state is donated
         cache = init_cache(config, slots, max_len, cache_dtype)
-        self.cache = cache._replace(index=jnp.zeros(slots, jnp.int32))
-        zeros = lambda: jnp.zeros(slots, jnp.int32)  # noqa: E731  distinct buffers: the state is donated
-        self.state = DecodeState(zeros(), zeros(), jnp.ones(slots, bool), zeros())
-        self.keys = row_keys(0, slots)
-        self.rows: SamplingRows = jax.tree.map(jnp.asarray, sampling_rows([GREEDY] * slots))
-        self.limit = zeros()
+        held = (cache._replace(index=zeros()), DecodeState(zeros(), zeros(), np.ones(slots, bool), zeros()),
+                row_keys(0, slots), sampling_rows([GREEDY] * slots), zeros(), stop_mask)
+        if mesh is None:
+            held = jax.device_put(held)
+        else:  # the cache's rows over data and heads over tensor; the small per-row arrays replicated
+            kv = lambda a: named_sharding(mesh, CACHE_NAMES if a.ndim == 5 else (None,) * a.ndim, a.shape)  # noqa
+            held = jax.device_put(held, jax.tree.map(kv, held))
+        self.cache, self.state, self.keys, self.rows, self.limit, self.is_stop = held
         self.length = np.zeros(slots, np.int64)  # host copy: tokens each busy row holds in the cache
         self.busy = np.zeros(slots, bool)
+
+        static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
+        self._options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(params) else {}
+        layout = None if mesh is None else jax.tree.map(lambda a: a.sharding, held[:5])
+        emitted = None if mesh is None else named_sharding(mesh, (), ())  # every Emitted array replicated
+        placed = None if mesh is None else (*layout, emitted)  # (cache, state, keys, rows, limit, first)
+        self._admit_fn = jax.jit(functools.partial(_admit, **static, cache_dtype=cache_dtype), donate_argnums=(1, 2),
+                                 out_shardings=placed)
+        self._step_fn = jax.jit(functools.partial(_step, **static, width=chunk), static_argnames="kv_len",
+                                donate_argnums=(1, 2), out_shardings=None if mesh is None else (*layout[:2], emitted))
+        self._resume_fn = jax.jit(functools.partial(_resume, **static), static_argnames="kv_len",
+                                  donate_argnums=(1, 2), out_shardings=placed)
+        self._programs: dict[tuple, Any] = {}  # ("admit", padded) / ("step", kv_len) -> compiled program
 
     def check(self, request: Request) -> None:
         """ValueError unless the request fits a row: a prompt of ids in the vocabulary, room for its tokens."""
@@ -247,14 +260,14 @@ class SlotEngine:
         """The compiled admission (prompts padded to `size`), step (kv_len `size`) or resumption ((padded, kv_len)),
         compiled on first use."""
         if (kind, size) not in self._programs:
-            if kind == "admit":
-                lowered = self._admit_fn.lower(*args)
-            elif kind == "step":
-                lowered = self._step_fn.lower(*args, kv_len=size)
-            else:
-                lowered = self._resume_fn.lower(*args, kv_len=size[1])
-            self._programs[kind, size] = lowered.compile(compiler_options=self._options)
+            fn, static = {"admit": (self._admit_fn, {}), "step": (self._step_fn, {"kv_len": size}),
+                          "resume": (self._resume_fn, {"kv_len": size[1] if kind == "resume" else None})}[kind]
+            with self._on_mesh():
+                self._programs[kind, size] = fn.lower(*args, **static).compile(compiler_options=self._options)
         return self._programs[kind, size]
+
+    def _on_mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def warm_up(self) -> tuple[int, float]:
         """Compile every admission and step shape now (none is compiled while serving); returns (programs,
