@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     differences = []
     for line in samples.read_text().splitlines():
         sample = json.loads(line)
-        for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
-            differences.append(abs(float(response[0][0]) - ours(tokenizer, params, config, context, continuation)))
+        for arguments, response in zip(sample["arguments"].values(), sample["resps"], strict=True):
+            direct = ours(tokenizer, params, config, arguments["arg_0"], arguments["arg_1"])
+            differences.append(abs(float(response[0][0]) - direct))
     print(f"command: {shlex.join(command)}")
     print(f"licence_cloze acc: {results['results']['licence_cloze']['acc,none']:.3f} over {args.docs} documents")
     print(f"{len(differences)} log-likelihoods; largest |lm-eval through the server - ours directly|: "
