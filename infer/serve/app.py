@@ -42,6 +42,10 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):  # still OpenAI's error object; the server goes on
+        return ApiError(500, f"internal error: {e.__class__.__name__}: {e}", kind="server_error").response()
+
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         return ApiError(e.status_code, str(e.detail), kind="invalid_request_error").response()
