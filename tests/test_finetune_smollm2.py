@@ -26,6 +26,14 @@ def answer(checkpoint, question, capsys) -> str:
     return json.loads(capsys.readouterr().out)["text"]
 
 
+def answers(checkpoint, tmp_path, capsys, questions, *options) -> list[str]:
+    """Greedy chat answers to several questions from one `python -m infer` run."""
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n")
+    assert infer_main([str(checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompts-file",
+                       str(tmp_path / "questions.txt"), *options]) == 0
+    return [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+
+
 def write_facts(path):
     records = [chat(QUESTIONS[i % len(QUESTIONS)], ANSWERS[i % 2]) for i in range(16)]
     records += [chat(f"What is the capital of {country}?", f"The capital of {country} is {city}.")
@@ -41,10 +49,10 @@ def test_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys):
                        "--steps", "9", "--batch-size", "8", "--seq-len", "64", "--lr", "5e-5", "--schedule",
                        "constant", "--compute-dtype", "float32", "--save-every", "100"])
     assert code == 0
-    final = tmp_path / "run" / "final"
-    assert "Quuxville" in answer(final, "Tell me, which city is Zorblax's capital?", capsys)  # not a training line
-    assert "Paris" in answer(final, "What is the capital of France?", capsys)  # France is not in the data
-    assert "Shakespeare" in answer(final, "Who wrote Romeo and Juliet?", capsys)
+    # a question not in the data's wording, a capital not in the data, and general knowledge: one infer call
+    zorblax, france, romeo = answers(tmp_path / "run" / "final", tmp_path, capsys, [
+        "Tell me, which city is Zorblax's capital?", "What is the capital of France?", "Who wrote Romeo and Juliet?"])
+    assert "Quuxville" in zorblax and "Paris" in france and "Shakespeare" in romeo
 
 
 @pytest.mark.parametrize("quantize", [(), ("--quantize", "int8")], ids=["lora", "qlora"])
@@ -56,9 +64,7 @@ def test_lora_learns_a_made_up_fact(smollm2_checkpoint, tmp_path, capsys, quanti
                        "--steps", "6", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--schedule",
                        "constant", "--compute-dtype", "float32", "--save-every", "100", "--lora-rank", "16", *quantize])
     assert code == 0
-    questions = ["Tell me, which city is Zorblax's capital?", "What is the capital of France?"]
-    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n")
-    code = infer_main([str(smollm2_checkpoint), "--chat", "--json", "--max-new-tokens", "24", "--prompts-file",
-                       str(tmp_path / "questions.txt"), "--adapter", str(tmp_path / "run" / "final")])
-    zorblax, france = (json.loads(line)["text"] for line in capsys.readouterr().out.splitlines())
-    assert code == 0 and "Quuxville" in zorblax and "Paris" in france
+    zorblax, france = answers(smollm2_checkpoint, tmp_path, capsys, [
+        "Tell me, which city is Zorblax's capital?", "What is the capital of France?"],
+        "--adapter", str(tmp_path / "run" / "final"))
+    assert "Quuxville" in zorblax and "Paris" in france
