@@ -156,6 +156,7 @@ class SlotEngine:
         self._resume_fn = jax.jit(functools.partial(_resume, **static), static_argnames="kv_len",
                                   donate_argnums=(1, 2), out_shardings=placed)
         self._programs: dict[tuple, Any] = {}  # ("admit", padded) / ("step", kv_len) -> compiled program
+        self._prefill_lengths = prefill_lengths(max_len)  # computed once: admissions are on the serving path
 
     def check(self, request: Request) -> None:
         """ValueError unless the request fits a row: a prompt of ids in the vocabulary, room for its tokens."""
@@ -171,13 +172,17 @@ class SlotEngine:
     def free_slots(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.busy)]
 
+    def padded(self, prompt_len: int) -> int:
+        """The prefill length a prompt of `prompt_len` tokens is left padded to (max_len + 1: it does not fit)."""
+        return next((p for p in self._prefill_lengths if p >= prompt_len), self.max_len + 1)
+
     def admit(self, slot: int, request: Request) -> Token:
-        """Prefill `request` into free row `slot`; returns its first token (check `finished` after)."""
+        """Prefill `request` into free row `slot`; returns its first token (check `finish_reasons` after)."""
         self.check(request)
         if self.busy[slot]:
             raise ValueError(f"slot {slot} is busy")
         n = len(request.prompt)
-        padded = next(p for p in prefill_lengths(self.max_len) if p >= n)
+        padded = self.padded(n)
         args = self._admit_args(request.prompt, padded, request, slot)
         self.cache, self.state, self.keys, self.rows, self.limit, first = self._program("admit", padded, args)(*args)
         self.busy[slot], self.length[slot] = True, n
@@ -192,16 +197,14 @@ class SlotEngine:
         if self.busy[slot]:
             raise ValueError(f"slot {slot} is busy")
         n = len(request.prompt)
-        padded = next(p for p in prefill_lengths(self.max_len) if p >= n)
+        padded = self.padded(n)
         start = int(self.length[slot])
         if request.max_new_tokens > self.room(slot, n):
             raise ValueError(f"{n} more tokens and max_new_tokens={request.max_new_tokens} do not fit after the "
                              f"{start} slots this row holds (context {self.max_len})")
-        tokens, positions, segments = left_pad([request.prompt], padded)
-        args = (self.params, self.cache, self.state, self.keys, self.rows, self.limit, tokens,
-                np.where(segments > 0, positions + position, 0), segments, row_keys(request.seed, 1),
-                sampling_rows([request.sampling]), np.array([request.max_new_tokens], np.int32), np.int32(slot),
-                self.is_stop)
+        admit_args = self._admit_args(request.prompt, padded, request, slot)
+        tokens, positions, segments = admit_args[6:9]  # the resumed prompt's positions follow the row's tokens
+        args = (*admit_args[:7], np.where(segments > 0, positions + position, 0), *admit_args[8:13], self.is_stop)
         kv_len = next(k for k in kv_lengths(self.max_len) if k >= start + padded)
         self.cache, self.state, self.keys, self.rows, self.limit, first = self._program(
             "resume", (padded, kv_len), args)(*args)
@@ -210,8 +213,7 @@ class SlotEngine:
 
     def room(self, slot: int, prompt_len: int) -> int:
         """The most tokens `resume` can generate after `prompt_len` more in row `slot` (< 1: they do not fit)."""
-        padded = next((p for p in prefill_lengths(self.max_len) if p >= prompt_len), self.max_len + 1)
-        return self.max_len - int(self.length[slot]) - padded + 1
+        return self.max_len - int(self.length[slot]) - self.padded(prompt_len) + 1
 
     def finish_reasons(self) -> dict[int, str]:
         """The busy rows that have finished (release them): slot -> "stop" (emitted a stop id) or "length"."""
@@ -274,7 +276,7 @@ class SlotEngine:
         seconds)."""
         start = time.perf_counter()
         probe = Request([0], 1)
-        for padded in prefill_lengths(self.max_len):
+        for padded in self._prefill_lengths:
             self._program("admit", padded, self._admit_args([0], padded, probe, 0))
         for kv_len in kv_lengths(self.max_len):
             self._program("step", kv_len, self._step_args())
