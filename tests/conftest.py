@@ -1,8 +1,24 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX starts) and loaders for the committed HF fixtures."""
+"""Test set-up: 8 simulated CPU devices and one compilation cache for the session (both set before JAX starts),
+and loaders for the committed HF fixtures.
+
+The session's cache directory holds the persistent XLA compilation cache and is $LLAMA_JAX_CACHE (where `infer`
+keeps converted models and compiled programs), so this process, pytest-xdist's workers and every CLI subprocess
+the tests start compile a program once and load it after that; nothing reaches the user's own cache. The directory
+is removed when the session ends.
+"""
 
 import os
+import shutil
+import tempfile
+import uuid
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# xdist's workers inherit the controller's environment, so the controller's directory is every worker's.
+SESSION_DIR = os.environ.setdefault("LLAMA_JAX_TEST_SESSION_DIR",
+                                    os.path.join(tempfile.gettempdir(), f"llama_jax-tests-{uuid.uuid4().hex[:12]}"))
+os.environ["LLAMA_JAX_CACHE"] = SESSION_DIR
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(SESSION_DIR, "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from pathlib import Path  # noqa: E402
 
@@ -15,6 +31,12 @@ from llama_jax.model.config import LlamaConfig  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("mha", "gqa", "tied", "bias", "head_dim", "rope_scaling")
+
+
+def pytest_sessionfinish(session):
+    """The controller (or the only process) removes the session's cache; xdist's workers leave it to it."""
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def load_fixture(variant: str):

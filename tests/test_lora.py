@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_dirs import make_hf_dir, read_hf_tensors
+from numerics import assert_close_in_norm, float32_rtol
 
 import llama_jax as lj
 from convert.__main__ import main as convert_main
@@ -97,7 +98,9 @@ def test_merged_export_equals_merge_and_unload(base, tmp_path, capsys):
 
 
 def test_adapter_gradients_equal_peft(base, tmp_path):
-    """The same adapters (PEFT's random A and B, copied) and batch: our gradients of a and b equal torch's."""
+    """The same adapters (PEFT's random A and B, copied) and batch: our gradients of a and b equal torch's, within
+    float32 rounding of reductions up to the vocabulary's length, through each layer forward and back (measured:
+    1.2e-6 to 5.9e-6 of the norm; the bound is 3.0e-5)."""
     hf, ckpt = base
     model = peft_adapter(hf, tmp_path / "adapter")
     checkpoint = open_checkpoint(ckpt)
@@ -110,15 +113,18 @@ def test_adapter_gradients_equal_peft(base, tmp_path):
     grads = jax.grad(lambda ad: next_token_loss(attach(params, ad, adapter.scale), batch,
                                                    checkpoint.config)[0])(adapter.weights)
     named = dict(model.named_parameters())
-    for i in range(checkpoint.config.num_hidden_layers):
+    config = checkpoint.config
+    rtol = float32_rtol(max(config.hidden_size, config.intermediate_size, config.vocab_size),
+                        depth=2 * config.num_hidden_layers)
+    for i in range(config.num_hidden_layers):
         for group, module, name in (("attn", "self_attn", "q"), ("attn", "self_attn", "o"), ("mlp", "mlp", "down")):
             prefix = f"base_model.model.model.layers.{i}.{module}.{name}_proj"
             want_a = named[f"{prefix}.lora_A.default.weight"].grad.numpy()
             want_b = named[f"{prefix}.lora_B.default.weight"].grad.numpy()
             got = grads["layers"][group][name]
             rank = adapter.rank
-            np.testing.assert_allclose(np.asarray(got["a"][i]).reshape(-1, rank).T, want_a, atol=1e-6, rtol=1e-4)
-            np.testing.assert_allclose(np.asarray(got["b"][i]).reshape(rank, -1).T, want_b, atol=1e-6, rtol=1e-4)
+            assert_close_in_norm(np.asarray(got["a"][i]).reshape(-1, rank).T, want_a, rtol, f"{prefix} a")
+            assert_close_in_norm(np.asarray(got["b"][i]).reshape(rank, -1).T, want_b, rtol, f"{prefix} b")
 
 
 def test_train_step_updates_adapters_only(base):

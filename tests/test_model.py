@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import VARIANTS, load_fixture
+from numerics import assert_trees_close_in_norm, float32_rtol
 
 import llama_jax as lj
 from llama_jax.checkpoints.hf_mapping import params_from_hf, params_to_hf
@@ -116,7 +117,9 @@ def test_remat_policies_keep_logits_and_grads(remat):
     base_loss, base_grads = jax.value_and_grad(loss)(params, "none")
     new_loss, new_grads = jax.value_and_grad(loss)(params, remat)
     np.testing.assert_allclose(new_loss, base_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_grads, base_grads)
+    # Recomputing the forward may fuse and order its sums differently: float32 reordering of the longest sums.
+    rtol = float32_rtol(max(config.intermediate_size, config.vocab_size), depth=2 * config.num_hidden_layers)
+    assert_trees_close_in_norm(new_grads, base_grads, rtol)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])

@@ -1,0 +1,49 @@
+"""The package's metadata resolves where users install it: beside the newest jax the ranges admit (on the Python it
+needs), and with each accelerator extra at the locked jax. pip resolves against the package index without
+installing anything (`--dry-run --report`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The other end of the ranges in pyproject.toml: jax 0.12 needs Python >= 3.12 (constraints-upper.txt).
+UPPER = {"jax": "0.12.0.1", "jaxlib": "0.12.0.1", "flax": "0.12.12", "optax": "0.2.8", "orbax-checkpoint": "0.12.8"}
+
+
+def resolve(tmp_path, *args) -> dict[str, str]:
+    """{name: version} of what `pip install --dry-run ARGS` would install (nothing is installed)."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                             "--report", str(report), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    installs = json.loads(report.read_text())["install"]
+    return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installs}
+
+
+def test_installs_beside_the_newest_jax_on_python_3_12(tmp_path):
+    """pip resolves for another interpreter only with --target and binary packages (pip >= 24 applies
+    --python-version to Requires-Python and markers; the test extra brings such a pip)."""
+    pins = [f"{name}=={version}" for name, version in UPPER.items()]
+    got = resolve(tmp_path, "--target", str(tmp_path / "never"), "--python-version", "3.12", "--only-binary=:all:",
+                  ".", *pins)
+    assert "llama_jax" in got or "llama-jax" in got
+    assert {name: got[name] for name in UPPER} == UPPER
+
+
+@pytest.mark.parametrize("extra, plugins", [
+    ("cuda12", {"jax-cuda12-plugin", "jax-cuda12-pjrt"}),
+    ("cuda13", {"jax-cuda13-plugin", "jax-cuda13-pjrt"}),
+    ("tpu", {"libtpu"}),
+])
+def test_each_accelerator_extra_brings_its_plugin_at_the_locked_jax(tmp_path, extra, plugins):
+    locked = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    got = resolve(tmp_path, "-c", "constraints.txt", f".[{extra}]")
+    assert got["jax"] == got["jaxlib"] == locked["jax"]
+    assert plugins <= set(got), sorted(got)
+    for plugin in plugins - {"libtpu"}:  # jax pins its GPU plugin to its own version
+        assert got[plugin] == locked["jax"], (plugin, got[plugin])
