@@ -38,6 +38,8 @@ class Terminal:
 
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child execs at once: no thread is needed there
 def test_a_conversation_on_a_terminal(smollm2_checkpoint):
+    """Time (~30 s): the real chat program on a pseudo-terminal, compiling its programs and answering two turns of
+    the real model (up to 300 tokens each), as a user would see it."""
     term = Terminal(["-m", "infer", str(smollm2_checkpoint), "--chat", "--temperature", "0", "--max-new-tokens",
                      "300"])
     term.read_until(b"> ")

@@ -25,7 +25,7 @@ def resolve(tmp_path, *args) -> dict[str, str]:
 
 
 def test_installs_beside_the_newest_jax_on_python_3_12(tmp_path):
-    """pip resolves for another interpreter only with --target and binary packages (pip >= 24 applies
+    """pip resolves for another interpreter only with --target and binary packages (pip >= 26 applies
     --python-version to Requires-Python and markers; the test extra brings such a pip)."""
     pins = [f"{name}=={version}" for name, version in UPPER.items()]
     got = resolve(tmp_path, "--target", str(tmp_path / "never"), "--python-version", "3.12", "--only-binary=:all:",

@@ -19,6 +19,8 @@ from llama_jax.checkpoints import load_params, open_checkpoint
 from llama_jax.generation import Engine, perplexity
 from llama_jax.text import encoder_for
 
+pytestmark = pytest.mark.slow
+
 LICENCE = Path("/usr/share/common-licenses/GPL-3")  # a real English text from Debian's base system
 PROMPTS = ["Once upon a time, in a land far away,", "The three primary colors are",
            "def fibonacci(n):", "The capital of France is", "Water boils at a temperature of",
@@ -35,7 +37,8 @@ def smollm2(smollm2_checkpoint):
 def test_int8_perplexity_is_within_bounds(smollm2, smollm2_checkpoint, tmp_path, capsys):
     """~2,600 tokens of the GPL, context 512, stride 256 (11 windows, one batch): int8 weights within 3% of float32;
     an int8 KV cache (the windows written to it and attended from it) within 1% of float32, which a float32 cache
-    equals (tests/test_quantize.py); and the CLI's `--quantize int8 --kv-cache int8` gives the library's number."""
+    equals (tests/test_quantize.py); and the CLI's `--quantize int8 --kv-cache int8` gives the library's number.
+    Time (~70 s): five perplexity runs over 11 x 512 tokens of the real model (bounds of 1-3% need this much text)."""
     checkpoint, floats, ints = smollm2
     text = LICENCE.read_text()[:12000]
     ids = encoder_for(checkpoint).tokenizer.encode(text).ids
@@ -86,7 +89,8 @@ def teacher_forced_agreement(config, params, prompts, generated, cache_dtype=Non
 
 def test_greedy_tokens_mostly_agree_with_float32(smollm2):
     """32 greedy tokens after 8 prompts, teacher-forced: int8 weights and the int8 KV cache each pick float32's token
-    at (nearly) every step; and the Engine runs both end to end, its first tokens equal to float32's."""
+    at (nearly) every step; and the Engine runs both end to end, its first tokens equal to float32's.
+    Time (~35 s): three teacher-forced runs of the real model and two Engines compiled (int8 weights, int8 cache)."""
     checkpoint, floats, ints = smollm2
     config, tokenizer = checkpoint.config, encoder_for(checkpoint).tokenizer
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]

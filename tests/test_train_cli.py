@@ -290,6 +290,8 @@ def test_qlora_resumes_after_sigterm_with_the_same_losses(qlora, tiny, data, env
 
 
 def test_qlora_on_two_processes_gives_the_same_losses_and_adapter(qlora, tiny, data, env, tmp_path):
+    """Time (~25 s): two `python -m train` processes joined by jax.distributed, each starting jax and compiling the
+    QLoRA step for its half of the mesh."""
     from safetensors.numpy import load_file
 
     out = tmp_path / "run"
