@@ -33,30 +33,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("mha", "gqa", "tied", "bias", "head_dim", "rope_scaling")
 
 
-# pytest-xdist (`--dist loadgroup --no-loadscope-reorder`): a group runs on one worker, in the order given here.
-# Each file is a group, so that its module fixtures (a server, a converted model) start once; the SmolLM2
-# fine-tunes share nothing but the session's checkpoint, so each is a group of its own. The groups that take
-# longest go first (their seconds in one process, on 2 cores), so the two workers finish together instead of one
-# running the last long file alone.
-LONGEST_FIRST = ("test_infer.py", "test_quantize_smollm2.py", "test_train_cli.py",  # 141, 118, 111 s
-                 "test_finetune_smollm2.py::test_lora_learns_a_made_up_fact[qlora]",  # 109 s
-                 "test_finetune_smollm2.py::test_lora_learns_a_made_up_fact[lora]",  # 93 s
-                 "test_serve.py", "test_finetune_smollm2.py::test_learns_a_made_up_fact",  # 89, 81 s
-                 "test_packaging.py", "test_model.py", "test_lora.py")  # 70 (pip and the index), 61, 59 s
-SPLIT_BY_TEST = ("test_finetune_smollm2.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        file = item.path.name
-        return f"{file}::{item.name}" if file in SPLIT_BY_TEST else file
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the rest keep their order
-
-
 def pytest_sessionfinish(session):
     """The controller (or the only process) removes the session's cache; xdist's workers leave it to it."""
     if not hasattr(session.config, "workerinput"):
