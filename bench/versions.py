@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         return 0
     if not args.environments:
         p.error("name at least one Python interpreter")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     environments = [parse_environment(spec) for spec in args.environments]
     results: list[list[dict]] = [[] for _ in environments]
     for round_ in range(args.rounds):
