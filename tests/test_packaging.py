@@ -1,7 +1,9 @@
 """The package's metadata resolves where users install it: beside the newest jax the ranges admit (on the Python it
 needs), and with each accelerator extra at the locked jax. pip resolves against the package index without
-installing anything (`--dry-run --report`)."""
+installing anything (`--dry-run --report`); the four resolutions run at once (each waits on the index, not the
+CPU)."""
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -12,9 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The other end of the ranges in pyproject.toml: jax 0.12 needs Python >= 3.12 (constraints-upper.txt).
 UPPER = {"jax": "0.12.0.1", "jaxlib": "0.12.0.1", "flax": "0.12.12", "optax": "0.2.8", "orbax-checkpoint": "0.12.8"}
+EXTRAS = {"cuda12": {"jax-cuda12-plugin", "jax-cuda12-pjrt"}, "cuda13": {"jax-cuda13-plugin", "jax-cuda13-pjrt"},
+          "tpu": {"libtpu"}}
 
 
-def resolve(tmp_path, *args) -> dict[str, str]:
+def resolve(tmp_path: Path, *args) -> dict[str, str]:
     """{name: version} (names normalized) of what `pip install --dry-run ARGS` would install (nothing is)."""
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
@@ -24,25 +28,34 @@ def resolve(tmp_path, *args) -> dict[str, str]:
     return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in installs}
 
 
-def test_installs_beside_the_newest_jax_on_python_3_12(tmp_path):
-    """pip resolves for another interpreter only with --target and binary packages (pip >= 26 applies
-    --python-version to Requires-Python and markers; the test extra brings such a pip)."""
+@pytest.fixture(scope="module")
+def resolutions(tmp_path_factory):
+    """"upper" and each extra -> a future of its resolution, all started at once."""
+    def directory(name):
+        return tmp_path_factory.mktemp(name)
+
+    upper = directory("upper")
     pins = [f"{name}=={version}" for name, version in UPPER.items()]
-    got = resolve(tmp_path, "--target", str(tmp_path / "never"), "--python-version", "3.12", "--only-binary=:all:",
-                  ".", *pins)
+    # pip resolves for another interpreter only with --target and binary packages (pip >= 26 applies
+    # --python-version to Requires-Python and markers; the test extra brings such a pip).
+    jobs = {"upper": (upper, "--target", str(upper / "never"), "--python-version", "3.12", "--only-binary=:all:",
+                      ".", *pins)}
+    jobs |= {extra: (directory(extra), "-c", "constraints.txt", f".[{extra}]") for extra in EXTRAS}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        yield {name: pool.submit(resolve, *args) for name, args in jobs.items()}
+
+
+def test_installs_beside_the_newest_jax_on_python_3_12(resolutions):
+    got = resolutions["upper"].result()
     assert "llama-jax" in got
     assert {name: got[name] for name in UPPER} == UPPER
 
 
-@pytest.mark.parametrize("extra, plugins", [
-    ("cuda12", {"jax-cuda12-plugin", "jax-cuda12-pjrt"}),
-    ("cuda13", {"jax-cuda13-plugin", "jax-cuda13-pjrt"}),
-    ("tpu", {"libtpu"}),
-])
-def test_each_accelerator_extra_brings_its_plugin_at_the_locked_jax(tmp_path, extra, plugins):
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_each_accelerator_extra_brings_its_plugin_at_the_locked_jax(resolutions, extra):
     locked = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                   if "==" in line and not line.startswith("#"))
-    got = resolve(tmp_path, "-c", "constraints.txt", f".[{extra}]")
+    got, plugins = resolutions[extra].result(), EXTRAS[extra]
     assert got["jax"] == got["jaxlib"] == locked["jax"]
     assert plugins <= set(got), sorted(got)
     for plugin in plugins - {"libtpu"}:  # jax pins its GPU plugin to its own version
