@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from llama_jax.model.cache import load, store
 from llama_jax.model.config import LlamaConfig
+from llama_jax.model.paged import Pages, paged_attend, paged_store
 from llama_jax.model.rope import apply_rope, inverse_frequencies
 from llama_jax.model.sharding import constrain
 from llama_jax.model.weights import project, weight
@@ -109,7 +110,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array] | None, layer: jax.Array | int, cache_index: jax.Array | int):
+                 cache: tuple[jax.Array, jax.Array] | None, layer: jax.Array | int, cache_index: jax.Array | int,
+                 pages: Pages | None = None):
         """Self-attention over `x` and, when given, this layer's cached keys/values.
 
         x `[batch, seq, embed]`; positions `[batch, seq]` (RoPE positions); mask `[batch, seq, kv_len]`, or None
@@ -118,6 +120,8 @@ class Attention(nn.Module):
         max_len, head_dim]`; scales None unless int8); this layer's new keys and values are written in place at
         `[layer, :, :, cache_index : cache_index + seq]` (cache_index a scalar or `[batch]`) and attention reads
         that layer's first kv_len slots (kv_len <= max_len then, else seq).
+        pages: with a paged cache (the pool's (k, v, k_scale, v_scale) as `cache`), where each row's tokens go
+        and what they attend to (llama_jax.model.paged); mask and cache_index are unused then.
         Returns (`[batch, seq, embed]`, the updated cache or None).
         """
         c = self.config
@@ -126,13 +130,17 @@ class Attention(nn.Module):
         k = apply_rope(self.project_in("k", x, "kv_heads", c.num_key_value_heads), positions, inv_freq)
         v = self.project_in("v", x, "kv_heads", c.num_key_value_heads)
         k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))  # [batch, kv_heads, seq, head_dim]
-        if cache is not None:
-            cache = store(cache, k, v, layer, cache_index)
-            k, v = load(cache, layer, self.dtype, mask.shape[-1])
-        if self.attention == "cudnn" and q.shape[1] > 1:
-            out = attend_fused(q, k, v, mask, causal=cache is None, implementation="cudnn")
+        if pages is not None:
+            cache = paged_store(cache, k, v, layer, pages)
+            out = paged_attend(q, cache, layer, pages, self.dtype)
         else:
-            out = attend(q, k, v, mask)
+            if cache is not None:
+                cache = store(cache, k, v, layer, cache_index)
+                k, v = load(cache, layer, self.dtype, mask.shape[-1])
+            if self.attention == "cudnn" and q.shape[1] > 1:
+                out = attend_fused(q, k, v, mask, causal=cache is None, implementation="cudnn")
+            else:
+                out = attend(q, k, v, mask)
         o = weight(self, "o", ("heads", "head_dim", "embed"), (c.num_attention_heads, c.head_dim, c.hidden_size))
         # As one [heads * head_dim, embed] matrix: contracting (heads, head_dim) as two axes lets XLA:CPU pick a
         # layout that transposes the whole weight at every call.

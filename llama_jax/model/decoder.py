@@ -28,6 +28,7 @@ from llama_jax.model.attention import ATTENTION_IMPLS, Attention, attention_mask
 from llama_jax.model.cache import KVCache
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.mlp import MLP
+from llama_jax.model.paged import PagedCache, Pages
 from llama_jax.model.norm import RMSNorm
 from llama_jax.model.sharding import constrain, logical_to_spec, tree_shardings
 from llama_jax.model.quant import QuantArray, check_quantization, quantize_tree
@@ -48,9 +49,9 @@ class DecoderLayer(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, carry, layer, positions, mask, cache_index):
-        """One pre-norm block. carry: (x `[batch, seq, embed]`, the whole KV cache (k, v, k_scale, v_scale) or
-        None); layer: this layer's index into the cache; see Attention for the rest.
+    def __call__(self, carry, layer, positions, mask, cache_index, pages):
+        """One pre-norm block. carry: (x `[batch, seq, embed]`, the whole KV cache or paged pool (k, v, k_scale,
+        v_scale), or None); layer: this layer's index into the cache; see Attention for the rest.
 
         Shaped for `nn.scan`: (carry, scanned=layer) -> (carry, None).
         """
@@ -58,7 +59,7 @@ class DecoderLayer(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, cache = Attention(c, **kw, attention=self.attention, name="attn")(
             RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(x), positions, mask, cache, layer,
-            cache_index)
+            cache_index, pages)
         x = x + h
         x = x + MLP(c, **kw, name="mlp")(RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(x))
         return (constrain(x, ("batch", "seq", "embed")), cache), None
@@ -77,14 +78,17 @@ class Llama(nn.Module):
     kv_len: int | None = None  # with a cache: attend over its first kv_len slots only (default all)
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None):
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | PagedCache | None,
+                 pages: Pages | None = None):
         c = self.config
         embed = self.param("embed", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
                            (c.vocab_size, c.hidden_size), self.param_dtype)
         x = constrain(lookup(embed, tokens, self.dtype), ("batch", "seq", "embed"))
 
         offset, kv, mask = 0, None, None  # no cache, one causal sequence per row: no mask array is needed
-        if cache is not None:
+        if pages is not None:  # a paged pool: `pages` says where the tokens go and what they see
+            kv = tuple(cache)
+        elif cache is not None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
             offset, kv = cache.index, (cache.k, cache.v, cache.k_scale, cache.v_scale)
             kv_segments = write_segments(cache.segment_ids, segment_ids, offset)
@@ -96,10 +100,11 @@ class Llama(nn.Module):
         if self.remat != "none":  # CSE is harmless inside a scan; unrolled, it would merge the recomputation with
             # the forward and keep what remat is meant to drop (e.g. every layer's converted int8 weights)
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-        carry, layer_args = (x, kv), (positions, mask, offset)
+        carry, layer_args = (x, kv), (positions, mask, offset, pages)
         if self.scan_layers:
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=c.num_hidden_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             carry, _ = layers(c, self.dtype, self.param_dtype, self.attention, name="layers")(
                 carry, jnp.arange(c.num_hidden_layers), *layer_args)
@@ -118,7 +123,9 @@ class Llama(nn.Module):
             head = self.param("lm_head", nn.with_logical_partitioning(INIT, ("embed", "vocab")),
                               (c.hidden_size, c.vocab_size), self.param_dtype)
         logits = constrain(vocab_logits(x, cast(head, self.dtype)), ("batch", "seq", "vocab"))
-        if cache is not None:
+        if pages is not None:
+            cache = PagedCache(*kv)
+        elif cache is not None:
             cache = KVCache(kv[0], kv[1], kv_segments, offset + tokens.shape[1], kv[2], kv[3])
         return logits, cache
 
@@ -153,9 +160,9 @@ def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
 
 
 def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, cache: KVCache | None = None, dtype=jnp.float32,
-            remat: Remat = "none", last_only: bool = False, attention: str = "xla", kv_len: int | None = None
-            ) -> tuple[jax.Array, KVCache | None]:
+            segment_ids: jax.Array | None = None, cache: KVCache | PagedCache | None = None, dtype=jnp.float32,
+            remat: Remat = "none", last_only: bool = False, attention: str = "xla", kv_len: int | None = None,
+            pages: Pages | None = None) -> tuple[jax.Array, KVCache | PagedCache | None]:
     """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
 
     positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
@@ -165,6 +172,8 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
                  or None for a plain forward.
     kv_len:      with a cache, attend over its first kv_len slots only (they must hold every slot written so far
                  and these tokens): a step's cost then follows the tokens cached, not the cache's size.
+    pages:       with a `PagedCache` as `cache`: each row's block table, the tokens' positions (the default
+                 `positions`) and the rows' lengths (llama_jax.model.paged); segment_ids and kv_len are unused.
     dtype:       compute dtype (params are cast to it; norms, softmax and logits stay float32).
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
@@ -173,12 +182,14 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     Jit it with `config`, `dtype`, `remat`, `last_only`, `attention` and `kv_len` static.
     """
     check_attention(attention, dtype)
+    if positions is None and pages is not None:
+        positions = pages.positions
     if positions is None:
         start = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
     model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params,
                   attention=attention, kv_len=kv_len)
-    return model.apply({"params": params}, tokens, positions, segment_ids, cache)
+    return model.apply({"params": params}, tokens, positions, segment_ids, cache, pages)
 
 
 def check_attention(attention: str, dtype, backend: str | None = None) -> None:
