@@ -15,9 +15,10 @@ appends a dated entry to the "Inference and training" section of --out (other se
        interleaved (bench/int8.py). About 5 minutes.
   lora SmolLM2-135M-Instruct training steps: LoRA (rank 16) against our full fine-tune and against torch + PEFT
        on the same batch (bench/lora.py; peft is a test dependency). About 3 minutes.
-  serve `python -m infer.serve` against llama-cpp-python's OpenAI server on the same SmolLM2 weights, 1, 8 and 32
-       concurrent openai clients: output tokens/s, p50/p95 TTFT and inter-token latency; the slot engine's decode
-       step at 10% and 100% cache fill (bench/serving.py; `pip install -e .[bench]`). About 8 minutes.
+  serve `python -m infer.serve` against llama.cpp's C++ llama-server (built once from llama-cpp-python's sdist,
+       bench/llama_server.py) on the same SmolLM2 weights: a lone request, 8 and 32 clients, a shared
+       1,500-token prefix, a 3,000-token prompt beside 4 streams, 64 requests on a 16,384-token pool; the paged
+       engine's decode step against fill (bench/serving.py). About 15 minutes (plus 10 for the first build).
   gpu  Llama-3-8B shape in bfloat16 (random weights made on the device): decode at batch 1/8/64 and TTFT against
        the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
        Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any

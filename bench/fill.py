@@ -1,8 +1,8 @@
 """python -m bench.fill [--preset llama3-8b] [--slots 16] [--max-len 4096] [--dtype bfloat16] [--rounds 5]
 
-The slot engine's decode step with every slot filled to 10% and to 100% of --max-len (random weights, real
-prompts prefilled), and, at 10%, the same step made to attend over all max_len slots (what an engine without
-read-length buckets does): the step's cost should follow the tokens cached. Prints a markdown table.
+The paged engine's decode step (random weights, prompts prefilled first) with every slot's request filled to 10%
+and to 100% of --max-len, and with one request alone at 10% on --slots and on one slot: the step's cost should
+follow the tokens attended and the requests running, not the pool's size or the slots. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import jax.numpy as jnp
 
 from bench.common import md_table
 from llama_jax import init_params, preset
-from llama_jax.generation import Request, SlotEngine
+from llama_jax.generation import PagedEngine, Request
 
 
-def step_ms(engine: SlotEngine, kv_len: int, rounds: int) -> float:
+def step_ms(engine: PagedEngine, rounds: int) -> float:
     """Best time of one decode step (a `chunk`-step call divided by chunk), in ms."""
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        engine.step(kv_len)
-        jax.block_until_ready(engine.state)
+        engine.step()
+        jax.block_until_ready(engine.pool)
         times.append((time.perf_counter() - start) / engine.chunk * 1e3)
     return min(times)
 
@@ -34,21 +34,24 @@ def measure(args) -> list[list[str]]:
     dtype = jnp.dtype(args.dtype)
     params = init_params(config, jax.random.key(0), dtype=dtype)
     rows, base = [], None
-    for fill in (0.1, 1.0):
-        engine = SlotEngine(params, config, slots=args.slots, max_len=args.max_len, cache_dtype=dtype, dtype=dtype,
-                            chunk=args.chunk)
-        prompt = int(fill * args.max_len) - args.chunk * (args.rounds + 2)  # the rows end the run at that fill
-        for slot in range(args.slots):
-            ids = [1 + (slot + i) % (config.vocab_size - 1) for i in range(prompt)]
-            engine.admit(slot, Request(ids, args.max_len - prompt))
-        engine.step()  # compiles (or loads) the step program
-        ms = step_ms(engine, engine.kv_len(), args.rounds)
+    for fill, slots, running in ((0.1, args.slots, args.slots), (1.0, args.slots, args.slots), (0.1, args.slots, 1),
+                                 (0.1, 1, 1)):
+        engine = PagedEngine(params, config, slots=slots, max_len=args.max_len, cache_dtype=dtype, dtype=dtype,
+                             chunk=args.chunk, prefix_cache=False)
+        # room for the decode steps taken while the others prefill (a prompt chunk of 512 a step), and the rounds
+        margin = args.chunk * (args.rounds + 2 + running * -(-args.max_len // 512))
+        prompt = max(1, int(fill * args.max_len) - margin)
+        for row in range(running):
+            ids = [1 + (row + i) % (config.vocab_size - 1) for i in range(prompt)]
+            engine.add(Request(ids, args.max_len - prompt))
+        while any(not s.decoding for s in engine.running.values()) or engine.waiting:
+            engine.step()  # prefills (and compiles or loads the programs)
+        engine.step()
+        held = sum(len(s.tokens) for s in engine.running.values()) / len(engine.running)
+        ms = step_ms(engine, args.rounds)
         base = base or ms
-        rows.append([f"{fill:.0%}", str(engine.kv_len()), f"{ms:.2f}", f"{ms / base:.2f}x"])
-        if fill < 1:
-            engine.step(args.max_len)
-            whole = step_ms(engine, args.max_len, args.rounds)
-            rows.append([f"{fill:.0%}, whole cache read", str(args.max_len), f"{whole:.2f}", f"{whole / base:.2f}x"])
+        rows.append([f"{fill:.0%} ({held:.0f} tokens)", f"{len(engine.running)} of {slots}", f"{ms:.2f}",
+                     f"{ms / base:.2f}x"])
         del engine
     return rows
 
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = measure(args)
     print(f"{args.preset}, {args.slots} slots x {args.max_len} tokens, {args.dtype}, {jax.devices()[0].device_kind}")
-    print(md_table(["fill", "kv_len read", "decode step ms", "/ the 10% step's time"], rows))
+    print(md_table(["fill", "requests running of slots", "decode step ms", "/ the first row's time"], rows))
     return 0
 
 

@@ -69,6 +69,18 @@ def smollm2_checkpoint(tmp_path_factory):
     return to_checkpoint(gguf_source(smollm2_gguf_path()), tmp_path_factory.mktemp("smollm2") / "ckpt")
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The gqa fixture (random tiny weights, a byte tokenizer) as a llama_jax checkpoint, for tests of the programs'
+    plumbing where the model's answers do not matter: it loads and compiles in a second or two, SmolLM2 in ten."""
+    from hf_dirs import make_hf_dir
+
+    from llama_jax.checkpoints.conversion import hf_source, to_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return to_checkpoint(hf_source(make_hf_dir(root / "hf", "gqa")), root / "ckpt")
+
+
 @pytest.fixture(params=VARIANTS)
 def fixture_model(request):
     return (request.param, *load_fixture(request.param))

@@ -91,8 +91,8 @@ def test_json_batch_equals_single_and_stops(smollm2_checkpoint, tmp_path, capsys
     assert alone["generated_token_ids"] == rows[1]["generated_token_ids"]
 
 
-def test_sampling_is_reproducible_for_a_seed(smollm2_checkpoint, capsys):
-    args = (smollm2_checkpoint, "--prompt", "My favourite animal is", "--json", "--max-new-tokens", "12",
+def test_sampling_is_reproducible_for_a_seed(tiny_checkpoint, capsys):
+    args = (tiny_checkpoint, "--prompt", "My favourite animal is", "--json", "--max-new-tokens", "12",
             "--temperature", "1.0", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.02")
     outs = [json.loads(run_infer(capsys, *args, "--seed", str(seed))[1])["generated_token_ids"]
             for seed in (1, 1, 2)]
@@ -195,10 +195,10 @@ def test_bad_perplexity_input_is_one_line(smollm2_checkpoint, tmp_path, capsys, 
     assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
 
 
-def test_nearby_requests_reuse_the_compiled_programs(smollm2_checkpoint, tmp_path):
+def test_nearby_requests_reuse_the_compiled_programs(tiny_checkpoint, tmp_path):
     """The cache length is bucketed: a second run with another --max-new-tokens in the same bucket compiles nothing
-    new (the persistent compilation cache gains no entry), and a run past the bucket does. Time (~35 s): three
-    `python -m infer` processes, each starting jax and loading SmolLM2, two of them compiling into a fresh cache."""
+    new (the persistent compilation cache gains no entry), and a run past the bucket does (a tiny model: the
+    programs' shapes are what matters here). Time (~15 s): three `python -m infer` processes starting jax."""
     from llama_jax.generation import cache_length
 
     assert [cache_length(n, new, 8192) for n, new in ((5, 40), (5, 48), (16, 40), (17, 40), (5, 49), (5, 9000))] == [
@@ -206,7 +206,7 @@ def test_nearby_requests_reuse_the_compiled_programs(smollm2_checkpoint, tmp_pat
     env = {**os.environ, "LLAMA_JAX_CACHE": str(tmp_path)}
 
     def entries_after(max_new_tokens: int) -> int:
-        command = [sys.executable, "-m", "infer", str(smollm2_checkpoint), "--prompt", "Hello", "--temperature", "0",
+        command = [sys.executable, "-m", "infer", str(tiny_checkpoint), "--prompt", "Hello", "--temperature", "0",
                    "--max-new-tokens", str(max_new_tokens)]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr

@@ -195,30 +195,6 @@ def test_cached_forward_equals_full_forward(layout):
     assert_close(np.concatenate(pieces, axis=1), ref["logits"][:, :40], FP32_TOL)
 
 
-def test_rows_at_their_own_cache_index_reading_part_of_the_cache_equal_full_forward():
-    """A cache whose index is `[batch]` (row 0 holds 12 tokens, row 1 holds 20: as the slot engine fills rows) and
-    steps that attend over its first kv_len slots only: each row's logits equal the full forward of its tokens."""
-    config, params, ref = load_fixture("rope_scaling")
-    tokens = jnp.asarray(ref["tokens"][:, :40])
-    step = jax.jit(lj.forward, static_argnames=("config", "dtype", "remat", "kv_len"))
-    rows = []
-    for row, filled in ((0, 12), (1, 20)):  # each row prefilled alone
-        _, cache = step(params, tokens[row:row + 1, :filled], config, cache=lj.init_cache(config, 1, 64))
-        rows.append(cache)
-    cache = lj.KVCache(*(None if a is None else jnp.concatenate([a, b], axis=1 if a.ndim == 5 else 0)
-                         for a, b in zip(*(r[:3] for r in rows))), jnp.array([12, 20], jnp.int32))
-    pieces = []
-    for t in range(10):
-        positions = jnp.array([[12 + t], [20 + t]])
-        logits, cache = step(params, jnp.take_along_axis(tokens, positions, axis=1), config, cache=cache,
-                             kv_len=32)
-        pieces.append(logits[:, 0])
-    assert cache.index.tolist() == [22, 30]
-    got = np.stack(pieces, axis=1)
-    assert_close(got[0], ref["logits"][0, 12:22], FP32_TOL)
-    assert_close(got[1], ref["logits"][1, 20:30], FP32_TOL)
-
-
 def test_init_params_places_directly_on_mesh():
     config = lj.preset("tiny-gqa")
     mesh = lj.make_mesh("data=1,fsdp=-1,tensor=2")

@@ -1,6 +1,7 @@
 """`python -m infer.serve` with SmolLM2, driven by the official `openai` client: chat and completions, streamed
 and not; 32 concurrent requests each equal to the same request alone; a client leaving mid-stream frees its slot;
-every error case; prompt log-probabilities equal to `infer --perplexity`'s scoring; SIGTERM drains."""
+every error case; prompt log-probabilities equal to `infer --perplexity`'s scoring; a shared system prompt served
+from the prefix cache, counted by /metrics; SIGTERM drains."""
 
 import concurrent.futures
 import json
@@ -202,6 +203,47 @@ def test_tokenizer_endpoints_as_vllm_has_them(server):
     assert http(server, "/detokenize", {"tokens": tokenized["tokens"]})[1]["prompt"] == "Hello world"
     assert http(server, "/detokenize", {"tokens": [10 ** 9]})[0] == 400
     assert http(server, "/tokenize", {"prompt": "x"}, key=None)[0] == 401
+
+
+def scrape(server) -> dict[str, float]:
+    """GET /metrics (no key needed, as for /health), parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server[1] + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_shared_system_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):
+    system = "You are a careful assistant who answers in one short sentence. " * 6
+    before = scrape(server)
+    answers = [client.chat.completions.create(model="smol", max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": question}]).choices[0].message.content
+        for question in ("What is 2 + 2?", "Name a colour.", "What is 2 + 2?")]
+    assert answers[0] == answers[2]  # the same request, the second time from cached blocks, answers the same
+    after = scrape(server)
+    moved = {name: after[name] - before.get(name, 0) for name in after}
+    assert moved["llama_jax_prefix_cache_hit_tokens_total"] >= 2 * 64  # the system prompt is ~70 tokens
+    assert moved["llama_jax_prefix_cache_queried_tokens_total"] > moved["llama_jax_prefix_cache_hit_tokens_total"]
+    assert 0 < moved["llama_jax_prompt_tokens_total"] and moved["llama_jax_generation_tokens_total"] >= 3
+    assert moved["llama_jax_time_to_first_token_seconds_count"] == 3
+    assert moved["llama_jax_inter_token_latency_seconds_count"] >= 3
+    health = idle(server)
+    assert after["llama_jax_kv_blocks_used"] >= 0 and health["blocks_used"] == 0 and health["blocks_cached"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-tokens", "100"], "--kv-tokens 100 is below --max-len 128"),
+    (["--block-size", "48"], "--block-size 48 must divide --max-len 128"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens must be >= 1"),
+])
+def test_bad_pool_settings_are_one_line_errors_at_start_up(args, message, capsys):
+    from infer.serve.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--max-len", "128", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: {message}" in err.splitlines()[-1], err
 
 
 def test_sigterm_lets_requests_in_flight_finish(server, client):

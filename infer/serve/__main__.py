@@ -1,11 +1,15 @@
-"""python -m infer.serve [CKPT_DIR] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-len N] [--api-key KEY]
-[--quantize int8] [--adapter DIR] [--mesh SPEC] [--dtype ...]: an OpenAI-compatible HTTP server with continuous
-batching.
+"""python -m infer.serve [CKPT_DIR] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-len N] [--kv-tokens N]
+[--max-batch-tokens N] [--no-prefix-cache] [--api-key KEY] [--quantize int8] [--adapter DIR] [--mesh SPEC]
+[--dtype ...]: an OpenAI-compatible HTTP server with continuous batching over a paged KV cache.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. Requests share `--slots`
-rows of one KV cache of `--max-len` tokens each (prompt plus completion); a request waits when every slot is busy,
-and gets 429 once `--max-waiting` are waiting. Every program is compiled before the server listens. SIGTERM (or
-Ctrl-C) lets the requests in flight finish, then exits. Without CKPT_DIR it serves SmolLM2-135M-Instruct.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics (Prometheus).
+Up to `--slots` requests run at once, each of up to `--max-len` tokens (prompt plus completion), their keys and
+values in one pool of `--kv-tokens` token slots handed out in blocks of `--block-size` as they grow; each step
+decodes a token of every running request and prefills up to `--max-batch-tokens` prompt tokens of those starting.
+A prompt that begins with tokens already computed (a shared system prompt, a conversation's earlier turns) starts
+from the prefix cache. A request waits when no place or no blocks are free, and gets 429 once `--max-waiting` are
+waiting. Every program is compiled before the server listens. SIGTERM (or Ctrl-C) lets the requests in flight
+finish, then exits. Without CKPT_DIR it serves SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import signal
 import sys
 import time
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.generation import Scheduler, SlotEngine, enable_compilation_cache
+from llama_jax.generation import PagedEngine, Scheduler, check_sizes, enable_compilation_cache
 from llama_jax.model import COMPUTE_DTYPES, check_quantization, make_mesh
 from llama_jax.text import encoder_for
 
@@ -35,8 +40,13 @@ def parse_args(argv):
     p.add_argument("checkpoint", nargs="?", metavar="CKPT_DIR", help="default: SmolLM2-135M-Instruct")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--slots", type=int, default=8, help="requests generated together")
+    p.add_argument("--slots", type=int, default=8, help="requests running at once, at most")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per request, prompt plus completion")
+    p.add_argument("--kv-tokens", type=int, help="token slots in the KV pool (default: --slots x --max-len)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (divides --max-len)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="prompt tokens prefilled per step, at most")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt whole, sharing nothing between requests")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 429s")
     p.add_argument("--chunk", type=int, default=4, help="decode steps between admissions (and per stream event)")
     p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
@@ -48,8 +58,15 @@ def parse_args(argv):
     p.add_argument("--quantize", metavar="int8", help="int8: quantize the weights while loading")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter for this model, not merged")
     args = p.parse_args(argv)
-    if args.slots < 1 or args.max_len < 2 or args.max_waiting < 0 or args.chunk < 1:
-        p.error("--slots, --chunk must be >= 1, --max-len >= 2, --max-waiting >= 0")
+    if args.max_waiting < 0:
+        p.error("--max-waiting must be >= 0")
+    args.kv_tokens = args.slots * args.max_len if args.kv_tokens is None else args.kv_tokens
+    try:
+        check_sizes(slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens, block_size=args.block_size,
+                    max_batch_tokens=args.max_batch_tokens, chunk=args.chunk)
+    except ValueError as e:  # the library names the settings as its arguments: say the options instead
+        p.error(re.sub(r"\b(slots|max_len|kv_tokens|block_size|max_batch_tokens|chunk)\b",
+                       lambda m: "--" + m.group().replace("_", "-"), str(e)))
     if not 0 < args.port < 65536:
         p.error(f"--port {args.port} is not a TCP port")
     return args
@@ -78,16 +95,18 @@ def build(args):
     mesh = make_mesh(args.mesh) if args.mesh else None
     params = load_weights(args, checkpoint, dtype, mesh)
     log(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s")
-    engine = SlotEngine(params, config, slots=args.slots, max_len=args.max_len, stop_ids=checkpoint.stop_ids,
-                        cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
+    engine = PagedEngine(params, config, slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens,
+                         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
+                         prefix_cache=args.prefix_cache, stop_ids=checkpoint.stop_ids,
+                         cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
     name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
     service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
                       params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name, mesh=mesh)
     start = time.perf_counter()
     programs, _ = engine.warm_up()
     programs += service.warm_up()
-    log(f"compiled {programs} programs in {time.perf_counter() - start:.1f} s ({args.slots} slots x {args.max_len} "
-        f"tokens)")
+    log(f"compiled {programs} programs in {time.perf_counter() - start:.1f} s (up to {args.slots} requests of "
+        f"{args.max_len} tokens, a pool of {args.kv_tokens} tokens in blocks of {args.block_size})")
     return service
 
 

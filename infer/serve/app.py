@@ -1,4 +1,4 @@
-"""The HTTP endpoints (FastAPI): /v1/models, /v1/chat/completions, /v1/completions and /health, in OpenAI's
+"""The HTTP endpoints (FastAPI): /v1/models, /v1/chat/completions, /v1/completions, /health and /metrics, in OpenAI's
 request and response shapes, streamed as server-sent events when asked."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from infer.serve.format import chat_logprobs, completion_logprobs, token_text, usage
@@ -52,7 +53,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
+        if api_key is not None and request.url.path not in ("/health", "/metrics"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
@@ -65,6 +66,10 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         failed = service.scheduler.failed
         return JSONResponse({"status": "error" if failed else "ok", **load, **({"error": failed} if failed else {})},
                             status_code=503 if failed else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

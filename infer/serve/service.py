@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import jax
 import numpy as np
 
+from infer.serve.metrics import Metrics
 from infer.serve.protocol import ApiError, Message, Sampling
 from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, prefill_lengths,
                                   token_logprobs)
@@ -59,6 +61,7 @@ class Service:
     def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str,
                  mesh=None):
         self.encoder, self.scheduler, self.name, self.max_len = encoder, scheduler, name, max_len
+        self.metrics = Metrics(scheduler)
         self.config, self.params, self.mesh = config, params, mesh
         self._score = jax.jit(functools.partial(token_logprobs, config=config, dtype=dtype, top=MAX_TOP))
         self._scorers: dict[int, object] = {}  # padded prompt length -> compiled scorer
@@ -103,6 +106,7 @@ class Service:
         as the engine makes them. Leaving the iterator early (a client gone) frees the slot."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
+        arrived = time.perf_counter()
         request = Request(ids, max_tokens, self.sampling(body), seed)
         try:
             ticket = self.scheduler.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
@@ -113,15 +117,23 @@ class Service:
             raise ApiError(503, str(e), kind="server_error", retry_after=5) from None
         except ValueError as e:
             raise ApiError(400, str(e), param="prompt") from None
-        return self._pieces(ticket, updates, TextStream(self.encoder, body.stops()))
+        return self._pieces(ticket, updates, TextStream(self.encoder, body.stops()), arrived)
 
-    @staticmethod
-    async def _pieces(ticket: Ticket, updates: asyncio.Queue, text: TextStream) -> AsyncIterator[Piece]:
+    async def _pieces(self, ticket: Ticket, updates: asyncio.Queue, text: TextStream, arrived: float
+                      ) -> AsyncIterator[Piece]:
+        last = None
         try:
             while True:
                 update = await updates.get()
                 if update.finish_reason == "error":
                     raise ApiError(500, f"generation failed: {update.error}", kind="server_error")
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.time_to_first_token.observe(now - arrived)
+                else:
+                    for _ in update.tokens:
+                        self.metrics.inter_token_latency.observe((now - last) / len(update.tokens))
+                last = now
                 piece = text.push(update.tokens, update.finish_reason)
                 yield piece
                 if piece.finish_reason:

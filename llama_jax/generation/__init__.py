@@ -1,19 +1,20 @@
 """Generation: samplers, the engine (batched prefill, an on-device decode loop over a static KV cache) and
 sliding-window perplexity.
-Imports `model` only. `SlotEngine` (slots.py) serves requests that join and leave a running batch."""
+Imports `model` only. `PagedEngine` (paged_engine.py) serves requests that join and leave a running batch over a
+paged KV pool with a prefix cache; `Scheduler` runs it on a thread."""
 
 from llama_jax.generation.engine import (Completion, Engine, Generation, bucket, cache_length, enable_compilation_cache,
-                                         left_pad)
+                                         left_pad, prefill_lengths)
+from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token, check_sizes
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
 from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
-from llama_jax.generation.slots import Request, SlotEngine, Token, kv_lengths, prefill_lengths
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
 from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows, token_logprobs
 
 __all__ = [
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
-    "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Request", "SlotEngine", "Token",
-    "kv_lengths", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
+    "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine", "Request",
+    "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
     "token_logprobs",
 ]

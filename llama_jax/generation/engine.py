@@ -45,6 +45,12 @@ def bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
+def prefill_lengths(max_len: int) -> list[int]:
+    """The padded prompt lengths up to max_len: `bucket`'s powers of two below max_len, then max_len."""
+    lengths = sorted({bucket(n) for n in range(1, max_len + 1)} - {bucket(max_len)} | {max_len})
+    return [n for n in lengths if n <= max_len]
+
+
 def cache_length(longest_prompt: int, max_new_tokens: int, limit: int) -> int:
     """KV-cache slots for prompts of up to `longest_prompt` tokens and `max_new_tokens` more: the bucketed prompt
     plus the new tokens, rounded up to a power of two (so nearby requests share compiled programs), at most `limit`."""

@@ -1,55 +1,58 @@
-"""Continuous batching: a thread that feeds waiting requests into a SlotEngine's free slots and steps it.
+"""Continuous batching: a thread that hands submitted requests to a PagedEngine and steps it.
 
     scheduler = Scheduler(engine, max_waiting=64)
     scheduler.start()
     ticket = scheduler.submit(request, emit)   # emit(Update) is called from the scheduler's thread
-    ticket.cancel()                            # the client went away: its slot is freed before the next step
+    ticket.cancel()                            # the client went away: its place is free at once
     scheduler.close()                          # lets every admitted and waiting request finish, then stops
 
-Each loop: free the slots of cancelled requests, admit waiting requests into free slots (first in, first out),
-then one `SlotEngine.step`; every request gets its new tokens once per step, and a last Update with its finish
-reason. A request is never lost: if the engine fails, every request in flight gets an Update with the error.
+Each loop: drop cancelled requests from the engine, hand it the new ones, then one `PagedEngine.step`; every
+request gets its new tokens once per step, and a last Update with its finish reason. A request is never lost: if
+the engine fails, every request in flight gets an Update with the error.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 from collections.abc import Callable
 
-from llama_jax.generation.slots import Request, SlotEngine, Token
+from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token
 
 
 class QueueFull(Exception):
-    """Every slot is busy and `max_waiting` requests are already waiting."""
+    """`max_waiting` requests are already waiting for a place."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Update:
     """New tokens of a request; finish_reason "stop" (a stop id), "length" (max_new_tokens) or "error" (then
-    `error` says why) on its last Update, None before."""
+    `error` says why) on its last Update, None before. cached: prompt tokens taken from the prefix cache (on the
+    first Update)."""
 
     tokens: list[Token]
     finish_reason: str | None = None
     error: str | None = None
+    cached: int = 0
 
 
 class Ticket:
-    """A submitted request. `cancel()` (any thread) frees its slot at the scheduler's next loop."""
+    """A submitted request. `cancel()` (any thread) frees its place in the queue at once, and its blocks at the
+    scheduler's next loop."""
 
-    def __init__(self, request: Request, emit: Callable[[Update], None]):
-        self.request, self.emit, self.cancelled = request, emit, False
+    def __init__(self, request: Request, emit: Callable[[Update], None], scheduler: Scheduler):
+        self.request, self.emit, self.scheduler = request, emit, scheduler
+        self.cancelled, self.started, self.sid = False, False, None
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.scheduler._cancel(self)
 
 
 class Scheduler:
-    def __init__(self, engine: SlotEngine, *, max_waiting: int):
+    def __init__(self, engine: PagedEngine, *, max_waiting: int):
         self.engine, self.max_waiting = engine, max_waiting
-        self.waiting: collections.deque[Ticket] = collections.deque()
-        self.running: dict[int, Ticket] = {}  # slot -> ticket
+        self.inbox: list[Ticket] = []  # submitted, not yet handed to the engine
+        self.tickets: dict[int, Ticket] = {}  # engine sid -> ticket, until its request ends
         self.closing, self.failed = False, None
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="llama_jax-scheduler", daemon=True)
@@ -58,23 +61,28 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: Request, emit: Callable[[Update], None]) -> Ticket:
-        """Queue a request (ValueError if it can never run, QueueFull if there is no room, RuntimeError once the
-        scheduler is closing or has failed)."""
+        """Queue a request (ValueError if it can never run, QueueFull if `max_waiting` wait already, RuntimeError
+        once the scheduler is closing or has failed)."""
         self.engine.check(request)
-        ticket = Ticket(request, emit)
+        ticket = Ticket(request, emit, self)
         with self._wake:
             if self.closing or self.failed:
                 raise RuntimeError(self.failed or "the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
-            self.waiting.append(ticket)
+            if self._waiting() >= self.max_waiting:
+                raise QueueFull(f"{self._waiting()} requests are waiting for a place")
+            self.inbox.append(ticket)
             self._wake.notify()
         return ticket
 
     def load(self) -> dict[str, int]:
-        """Slots busy and requests waiting, for a health check."""
+        """Requests running and waiting, and the pool's blocks, for a health check."""
         with self._wake:
-            return {"slots": self.engine.slots, "busy": len(self.running), "waiting": len(self.waiting)}
+            load = self.engine.load()
+            return load | {"busy": load["running"], "waiting": self._waiting()}
+
+    def counters(self) -> dict[str, int]:
+        """The engine's running totals (tokens prompted, generated and taken from the prefix cache, preemptions)."""
+        return dict(self.engine.counters)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, let those admitted or waiting finish, and end the thread."""
@@ -84,67 +92,68 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def _waiting(self) -> int:
+        """Requests submitted and not cancelled that have not started (caller holds the lock)."""
+        queued = sum(not t.started for t in self.tickets.values())
+        return len(self.inbox) + queued
+
+    def _cancel(self, ticket: Ticket) -> None:
+        with self._wake:
+            ticket.cancelled = True
+            if ticket in self.inbox:
+                self.inbox.remove(ticket)
+            elif ticket.sid is not None:
+                ticket.started = True  # no longer waiting: its place in the queue is free now
+            self._wake.notify()
+
     def _loop(self) -> None:
         try:
             while True:
                 with self._wake:
-                    while not (self.waiting or self.running or self.closing):
+                    while not (self.inbox or self.tickets or self.closing):
                         self._wake.wait()
-                    if self.closing and not (self.waiting or self.running):
+                    if self.closing and not (self.inbox or self.tickets):
                         return
-                self._release_cancelled()
-                self._admit()
-                if self.running:
-                    for slot, tokens in enumerate(self.engine.step()):
-                        if tokens and slot in self.running:
-                            self._finish_or_emit(slot, tokens)
+                    new, self.inbox = self.inbox, []
+                    cancelled = [sid for sid, t in self.tickets.items() if t.cancelled]
+                for sid in cancelled:
+                    self.engine.abort(sid)
+                    with self._wake:
+                        del self.tickets[sid]
+                for ticket in new:
+                    sid = self.engine.add(ticket.request)
+                    with self._wake:
+                        ticket.sid, self.tickets[sid] = sid, ticket
+                if self.tickets:
+                    for out in self.engine.step():
+                        self._emit(out)
         except Exception as e:  # the device failed: no request may wait forever
             self._fail(f"{e.__class__.__name__}: {e}")
 
-    def _release_cancelled(self) -> None:
-        for slot, ticket in list(self.running.items()):
-            if ticket.cancelled:
-                self._free(slot)
-
-    def _admit(self) -> None:
-        for slot in self.engine.free_slots():
-            with self._wake:
-                ticket = self.waiting.popleft() if self.waiting else None
-            while ticket is not None and ticket.cancelled:
-                with self._wake:
-                    ticket = self.waiting.popleft() if self.waiting else None
-            if ticket is None:
-                return
-            first = self.engine.admit(slot, ticket.request)
-            with self._wake:
-                self.running[slot] = ticket
-            self._finish_or_emit(slot, [first])
-
-    def _finish_or_emit(self, slot: int, tokens: list[Token]) -> None:
-        """Send a row's new tokens, with its finish reason (and free it) when it has finished."""
-        reason = self.engine.finish_reasons().get(slot)
-        ticket = self.running[slot]
-        if reason is not None:
-            self._free(slot)
+    def _emit(self, out: Output) -> None:
+        """Send a request's new tokens, with its finish reason (and forget it) when it has finished."""
+        with self._wake:
+            ticket = self.tickets[out.sid]
+            ticket.started = True
+            if out.finish_reason is not None:
+                del self.tickets[out.sid]
+        if ticket.cancelled:
+            return
         try:
-            ticket.emit(Update(tokens, reason))
+            ticket.emit(Update(out.tokens, out.finish_reason, cached=out.cached))
         except Exception:  # a client's callback must not stop the others
             ticket.cancel()
-
-    def _free(self, slot: int) -> None:
-        self.engine.release(slot)
-        with self._wake:
-            self.running.pop(slot, None)
 
     def _fail(self, message: str) -> None:
         with self._wake:
             self.failed = message
-            tickets = list(self.running.values()) + list(self.waiting)
-            self.running.clear()
-            self.waiting.clear()
+            tickets = list(self.tickets.values()) + self.inbox
+            self.tickets.clear()
+            self.inbox.clear()
         for ticket in tickets:
             try:
                 ticket.emit(Update([], "error", message))
             except Exception:
                 pass
-        self.engine.busy[:] = False
+        for sid in list(self.engine.running) + [s.sid for s in self.engine.waiting]:
+            self.engine.abort(sid)

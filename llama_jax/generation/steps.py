@@ -1,9 +1,10 @@
 """The device programs both engines run: a prefill that samples each row's first token, and an on-device decode
-loop. `Engine` (a batch of prompts) and `SlotEngine` (requests joining and leaving a running batch) jit these with
-their static arguments; neither has another copy of the step.
+loop. `Engine` (a batch of prompts, a dense cache) jits these with its static arguments, and `PagedEngine` (requests
+joining and leaving a running batch, a paged pool) runs `decode_loop` with block tables; neither has another copy of
+the step.
 
 Rows are independent: each has its own PRNG stream, sampling parameters (`SamplingRows`), token limit and step
-count, and (with a cache whose index is `[batch]`) its own cache slots.
+count, and (with a paged pool) its own blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.generation.sampling import SamplingRows, sample, step_keys
-from llama_jax.model import KVCache, LlamaConfig, forward
+from llama_jax.model import KVCache, LlamaConfig, PagedCache, Pages, forward
 
 EMPTY = -1  # what a finished row emits on device; never returned
 
@@ -49,12 +50,19 @@ def emitted(logits: jax.Array, tokens: jax.Array, top_logprobs: int) -> Emitted:
     return Emitted(tokens[:, None], chosen, ids[:, None].astype(jnp.int32), top[:, None])
 
 
-def decode_step(params, cache: KVCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
-                dtype=jnp.float32, attention: str = "xla", kv_len: int | None = None, live: jax.Array | None = None
-                ) -> tuple[jax.Array, KVCache]:
+def decode_step(params, cache: KVCache | PagedCache, tokens: jax.Array, positions: jax.Array, config: LlamaConfig,
+                dtype=jnp.float32, attention: str = "xla", kv_len: int | None = None, live: jax.Array | None = None,
+                tables: jax.Array | None = None) -> tuple[jax.Array, KVCache | PagedCache]:
     """One cached step: tokens `[batch]` at RoPE positions `[batch]` -> logits `[batch, vocab]`, updated cache
     (attending over the cache's first kv_len slots: see `forward`). live: bool `[batch]`, rows whose token is real;
-    the others' slots are written as padding (segment 0), so that a row that goes on later never sees them."""
+    the others' slots are written as padding (segment 0), so that a row that goes on later never sees them.
+    tables: with a paged pool as `cache`, each row's blocks `[batch, table_len]` (position = the row's place);
+    a row that is not live writes nothing there."""
+    if tables is not None:
+        length = positions + 1 if live is None else jnp.where(live, positions + 1, 0)
+        logits, cache = forward(params, tokens[:, None], config, cache=cache, dtype=dtype, attention=attention,
+                                pages=Pages(tables, positions[:, None], length))
+        return logits[:, 0], cache
     segments = None if live is None else live[:, None].astype(jnp.int32)
     logits, cache = forward(params, tokens[:, None], config, positions=positions[:, None], segment_ids=segments,
                             cache=cache, dtype=dtype, attention=attention, kv_len=kv_len)
@@ -78,12 +86,13 @@ def prefill(params, cache, tokens, positions, segment_ids, keys, rows: SamplingR
 
 
 def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_stop, limit, *, config, dtype,
-                attention, width, candidates=None, top_logprobs=0, kv_len=None
-                ) -> tuple[KVCache, DecodeState, Emitted]:
+                attention, width, candidates=None, top_logprobs=0, kv_len=None, tables=None
+                ) -> tuple[KVCache | PagedCache, DecodeState, Emitted]:
     """Up to `width` steps, until every row is finished: done, or its step count at `limit` (a scalar or `[batch]`).
 
     Returns (cache, state, Emitted `[batch, width]`): EMPTY where a row had already finished or the loop had ended.
     kv_len: the cache slots the steps attend over (`forward`'s); every unfinished row's slots must fit in them.
+    tables: with a paged pool as `cache`, each row's blocks (see `decode_step`), holding every position it reaches.
     """
     batch = state.token.shape[0]
     out = Emitted(jnp.full((batch, width), EMPTY, jnp.int32))
@@ -103,7 +112,7 @@ def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_
         cache, s, out, i = carry
         over = finished(s)
         logits, cache = decode_step(params, cache, jnp.where(over, 0, s.token), s.position, config, dtype,
-                                    attention, kv_len, ~over)
+                                    attention, kv_len, ~over, tables)
         token = sample(logits, step_keys(keys, s.step), rows, candidates)
         new = emitted(logits, jnp.where(over, EMPTY, token), top_logprobs)
         out = jax.tree.map(lambda buffer, x: jax.lax.dynamic_update_slice_in_dim(buffer, x, i, axis=1), out, new)

@@ -4,7 +4,7 @@ projections (`lora`), the KV cache (float or int8), logical-axis sharding rules 
 from the rest of the package except `llama_jax.errors`."""
 
 from llama_jax.model.attention import ATTENTION_IMPLS
-from llama_jax.model.cache import CACHE_NAMES, KVCache, init_cache, insert_row, put_row, take_row
+from llama_jax.model.cache import CACHE_NAMES, KVCache, init_cache
 from llama_jax.model.config import LlamaConfig, RopeScaling
 from llama_jax.model.decoder import (COMPUTE_DTYPES, REMAT_POLICIES, Remat, check_attention, forward, init_params,
                                      param_logical_names, param_shapes, param_shardings, unstack_layers)
@@ -23,8 +23,8 @@ __all__ = [
     "LlamaConfig", "LoraWeight", "MESH_AXES", "NULL_BLOCK", "POOL_NAMES",
     "PRESETS", "PagedCache", "Pages", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat",
     "RopeScaling", "attach", "check_attention", "chunk_blocks", "check_quantization", "forward", "forward_flops_per_token",
-    "init_adapters", "init_cache", "init_paged_cache", "init_params", "insert_row", "input_axes", "inverse_frequencies",
+    "init_adapters", "init_cache", "init_paged_cache", "init_params", "input_axes", "inverse_frequencies",
     "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding", "narrow_weight_options",
-    "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "put_row", "quantize",
-    "quantize_tree", "take_row", "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "quantize",
+    "quantize_tree", "training_flops_per_token", "tree_shardings", "unstack_layers",
 ]

@@ -19,7 +19,7 @@ class KVCache(NamedTuple):
                  second-minor axis so that attention reads each head's keys as one contiguous matrix.
     segment_ids: `[batch, max_len]` int32; 0 = empty or padding (never attended to).
     index:       int32, the next slot to write: a scalar (all rows advance together; rows differ by left padding,
-                 as `Engine` fills them), or `[batch]` (each row its own, as the slot engine fills them).
+                 as `Engine` fills them).
     k_scale, v_scale: float32 `[layers, batch, kv_heads, max_len, 1]` when k and v are int8 (symmetric, one scale
                  per token and head: the key is k * k_scale); None for a float cache.
     """
@@ -44,8 +44,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
 
 
 def store(kv: tuple, k: jax.Array, v: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> tuple:
-    """Write one layer's new keys and values `[batch, kv_heads, seq, head_dim]` at slots index.. of that layer
-    (index: a scalar, or `[batch]`, a start per row).
+    """Write one layer's new keys and values `[batch, kv_heads, seq, head_dim]` at slots index.. of that layer.
 
     kv: (k, v, k_scale, v_scale) of the whole cache, as KVCache holds them (scales None for a float cache); returns
     the same tuple updated. An int8 cache stores each token and head as int8 values and its absmax / 127.
@@ -71,12 +70,8 @@ def load(kv: tuple, layer: jax.Array | int, dtype, length: int | None = None) ->
 
 def write_rows(buffer: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
     """buffer `[layers, batch, kv_heads, max_len, d]` with new `[batch, kv_heads, seq, d]` written at
-    `[layer, b, :, index[b] : index[b] + seq]` (index a scalar: the same slots in every row)."""
-    if jnp.ndim(index) == 0:
-        return write(buffer, new[None], (layer, 0, 0, index, 0))
-    for row in range(new.shape[0]):  # one in-place update per row: XLA:CPU copies the whole buffer for a scatter
-        buffer = write(buffer, new[None, row:row + 1], (layer, row, 0, index[row], 0))
-    return buffer
+    `[layer, :, :, index : index + seq]`."""
+    return write(buffer, new[None], (layer, 0, 0, index, 0))
 
 
 def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
@@ -90,40 +85,3 @@ def write(buffer: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
         return jax.lax.dynamic_update_slice(buffer, new, start)
     bits = [jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (buffer, new)]
     return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(*bits, start), buffer.dtype)
-
-
-def insert_row(cache: KVCache, row: KVCache, slot: jax.Array | int, length: jax.Array | int) -> KVCache:
-    """`cache` (index `[batch]`) with row `slot` replaced by `row`, a one-row cache holding a left-padded prompt of
-    `length` tokens in its last slots (as a prefill leaves it, index = its max_len P <= the cache's).
-
-    The prompt moves to slots 0 .. length - 1 of that row (its padding after it, segment 0, overwritten as the row
-    decodes), and the row's index becomes `length`: a row spends a slot per token, whatever its prompt's bucket.
-    Keys keep their RoPE positions, which follow the tokens, not the slots.
-    """
-    padded = row.k.shape[3]
-    shift = padded - length
-
-    def put(buffer, new):  # new `[layers, 1, kv_heads, P, d]`, rolled so that the prompt starts at slot 0
-        return write(buffer, jnp.roll(new, -shift, axis=3), (0, slot, 0, 0, 0))
-
-    kv = [None if b is None else put(b, n) for b, n in zip(
-        (cache.k, cache.v, cache.k_scale, cache.v_scale), (row.k, row.v, row.k_scale, row.v_scale))]
-    segments = jnp.zeros((1, cache.segment_ids.shape[1]), jnp.int32).at[:, :padded].set(
-        jnp.roll(row.segment_ids, -shift, axis=1))
-    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segments, (slot, 0))
-    return KVCache(kv[0], kv[1], segment_ids, cache.index.at[slot].set(length), kv[2], kv[3])
-
-
-def take_row(cache: KVCache, slot: jax.Array | int) -> KVCache:
-    """Row `slot` of a cache whose index is `[batch]`, as a one-row cache (index `[1]`)."""
-    take = lambda a, axis: None if a is None else jax.lax.dynamic_slice_in_dim(a, slot, 1, axis)  # noqa: E731
-    return KVCache(take(cache.k, 1), take(cache.v, 1), take(cache.segment_ids, 0), take(cache.index, 0),
-                   take(cache.k_scale, 1), take(cache.v_scale, 1))
-
-
-def put_row(cache: KVCache, row: KVCache, slot: jax.Array | int) -> KVCache:
-    """`cache` with row `slot` replaced by `row` (one row of the same max_len, as `take_row` gives)."""
-    kv = [None if b is None else write(b, n, (0, slot, 0, 0, 0)) for b, n in zip(
-        (cache.k, cache.v, cache.k_scale, cache.v_scale), (row.k, row.v, row.k_scale, row.v_scale))]
-    return KVCache(kv[0], kv[1], jax.lax.dynamic_update_slice(cache.segment_ids, row.segment_ids, (slot, 0)),
-                   jax.lax.dynamic_update_slice(cache.index, row.index, (slot,)), kv[2], kv[3])

@@ -131,13 +131,8 @@ class Llama(nn.Module):
 
 
 def write_segments(kv_segments: jax.Array, segment_ids: jax.Array, offset: jax.Array) -> jax.Array:
-    """The cache's segment ids `[batch, max_len]` with segment_ids `[batch, seq]` written at slots offset.. (a
-    scalar, or `[batch]`: each row at its own)."""
-    if jnp.ndim(offset) == 0:
-        return jax.lax.dynamic_update_slice(kv_segments, segment_ids, (0, offset))
-    for row in range(segment_ids.shape[0]):  # in place, row by row (see cache.write_rows)
-        kv_segments = jax.lax.dynamic_update_slice(kv_segments, segment_ids[row:row + 1], (row, offset[row]))
-    return kv_segments
+    """The cache's segment ids `[batch, max_len]` with segment_ids `[batch, seq]` written at slots offset.."""
+    return jax.lax.dynamic_update_slice(kv_segments, segment_ids, (0, offset))
 
 
 def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:

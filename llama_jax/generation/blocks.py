@@ -1,0 +1,110 @@
+"""The host's bookkeeping of a paged KV pool: which blocks are free, which are held (and by how many requests),
+and which hold a known run of tokens (the prefix cache).
+
+Every full block that a request has computed is keyed by a digest of its tokens and of its parent block's key, so
+a key names the whole prefix up to the end of that block. A new request takes the longest run of cached blocks
+that its prompt begins with and computes only the rest. Blocks whose requests have finished stay cached while
+free, and are handed out again least recently used first (their key forgotten then). A cached block is never
+written again: only full blocks are cached, and a request writes only after its last full cached block.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from llama_jax.model import NULL_BLOCK
+
+ROOT = b"llama_jax"
+
+
+def block_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """The key of each full block of `tokens`: a digest of the block's tokens and its parent's key."""
+    keys, parent = [], ROOT
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        data = np.asarray(tokens[start:start + block_size], np.int64).tobytes()
+        parent = hashlib.blake2b(parent + data, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+class BlockPool:
+    """`blocks` blocks of `block_size` tokens; block NULL_BLOCK is never handed out.
+
+    prefix_cache: keep full blocks' keys so later requests can share them (False: blocks are plain memory).
+    """
+
+    def __init__(self, blocks: int, block_size: int, *, prefix_cache: bool = True):
+        if blocks < 2:
+            raise ValueError(f"a pool needs at least 2 blocks (one is the null block), got {blocks}")
+        self.block_size, self.prefix_cache = block_size, prefix_cache
+        self.refs = np.zeros(blocks, np.int64)
+        # Free blocks, least recently used first; a free block may still hold a cached run of tokens.
+        self.free: collections.OrderedDict[int, None] = collections.OrderedDict(
+            (b, None) for b in range(blocks) if b != NULL_BLOCK)
+        self.key_of: dict[int, bytes] = {}
+        self.block_of: dict[bytes, int] = {}
+
+    @property
+    def usable(self) -> int:
+        """Blocks that requests can hold (all but the null block)."""
+        return len(self.refs) - 1
+
+    def available(self) -> int:
+        """Blocks that `allocate` can hand out now (free ones, cached or not)."""
+        return len(self.free)
+
+    def cached(self) -> int:
+        """Blocks that hold a cached run of tokens (held or free)."""
+        return len(self.block_of)
+
+    def match(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `keys` (block_keys of a prompt); not taken yet."""
+        found = []
+        if self.prefix_cache:
+            for key in keys:
+                block = self.block_of.get(key)
+                if block is None:
+                    break
+                found.append(block)
+        return found
+
+    def take(self, blocks: Sequence[int]) -> None:
+        """Hold cached blocks (from `match`) for one more request."""
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` blocks for one request (least recently used free ones, their cached keys forgotten), or None
+        when fewer are free."""
+        if count > len(self.free):
+            return None
+        blocks = []
+        for _ in range(count):
+            block, _ = self.free.popitem(last=False)
+            key = self.key_of.pop(block, None)
+            if key is not None:
+                del self.block_of[key]
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """A request lets go of its blocks `[first .. last]`; those no one holds become free. Uncached ones are
+        handed out first; cached ones last, a prefix's first block after its later ones (a block is of use only
+        with its parents). A block keeps its key until it is allocated again."""
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=block in self.key_of)
+
+    def register(self, block: int, key: bytes) -> None:
+        """Record that `block` (held, full, computed) holds the prefix `key`; the first block for a key keeps it."""
+        if self.prefix_cache and key not in self.block_of and block not in self.key_of:
+            self.block_of[key], self.key_of[block] = block, key

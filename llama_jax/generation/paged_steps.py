@@ -1,0 +1,61 @@
+"""The paged engine's device programs and their shapes: a prefill of prompt chunks, which samples each row's next
+token, over a `PagedCache` (llama_jax.model.paged), and decode steps (`steps.decode_loop` with block tables). The
+model, the sampler and the emitted tokens' format are the ones `Engine` uses; only where keys and values live
+differs.
+
+Rows carry what the host knows about each request: its seed (the request's PRNG stream is row 0 of
+`row_keys(seed, 1)`, as `Engine.generate(..., seed=seed)` alone), tokens emitted so far (the step whose key samples
+the next token), sampling parameters and token limit. Unused rows have length 0: they write and emit nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.generation.sampling import SamplingRows, sample, step_keys
+from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, emitted
+from llama_jax.model import PagedCache, Pages, forward
+
+
+def request_keys(seeds: jax.Array) -> jax.Array:
+    """Each row's PRNG stream `[rows]` from its request's seed, as `row_keys(seed, 1)[0]`."""
+    return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
+
+
+def prefill_chunk(params, pool: PagedCache, tokens, pages: Pages, seeds, steps, rows: SamplingRows, *, config,
+                  dtype, attention, top_logprobs) -> tuple[PagedCache, Emitted]:
+    """Prompt chunks `[rows, q]`, left padded (a row's tokens end at its last column), into their rows' blocks;
+    samples each row's next token from its last token's logits with the key of step `steps` `[rows]`.
+    Returns (pool, Emitted of width 1); the host keeps the token only for rows whose chunk ends their tokens."""
+    logits, pool = forward(params, tokens, config, cache=pool, pages=pages, dtype=dtype, last_only=True,
+                           attention=attention)
+    logits = logits[:, -1]
+    token = sample(logits, step_keys(request_keys(seeds), steps), rows)
+    return pool, emitted(logits, jnp.where(pages.lengths > 0, token, EMPTY), top_logprobs)
+
+
+def decode_pages(params, pool, tables, state: DecodeState, seeds, rows, is_stop, limit, *, config, dtype, attention,
+            width, top_logprobs):
+    """`decode_loop` over a paged pool, the rows' PRNG streams from their seeds. -> (pool, Emitted)."""
+    pool, _, out = decode_loop(params, pool, state, request_keys(seeds), rows, is_stop, limit, config=config,
+                               dtype=dtype, attention=attention, width=width, top_logprobs=top_logprobs,
+                               tables=tables)
+    return pool, out
+
+
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to and including `limit` (the last one `limit` itself when it is not a power of two)."""
+    sizes = [n for n in (1 << i for i in range(32)) if n < limit]
+    return sizes + [limit]
+
+
+def prefill_shapes(max_batch_tokens: int, slots: int, max_len: int) -> list[tuple[int, int]]:
+    """The (rows, width) shapes a prefill runs with: one prompt chunk of up to max_batch_tokens, or 4 or 16
+    shorter ones (rows * width = max_batch_tokens, rows <= slots, width <= max_len)."""
+    shapes = []
+    for rows in (1, 4, 16):
+        width = min(max_len, max(1, max_batch_tokens // rows))
+        if rows <= slots and (rows == 1 or width >= 8):
+            shapes.append((rows, width))
+    return sorted(set(shapes))

@@ -1,0 +1,61 @@
+"""What the serving engine takes and gives: a request, its tokens, a step's output, and its state on the host."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from llama_jax.generation.sampling import GREEDY, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids), up to `max_new_tokens` more, and how to sample them (seed: the request's PRNG stream,
+    as row 0 of `Engine.generate(..., seed=seed)`)."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One emitted token, with (when the engine keeps them) its log-probability and the most likely alternatives."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What a step gave request `sid`: new tokens and, on its last, why it finished ("stop": a stop id;
+    "length": max_new_tokens)."""
+
+    sid: int
+    tokens: list[Token]
+    finish_reason: str | None = None
+    cached: int = 0  # on a request's first Output: its prompt tokens that came from the prefix cache
+
+
+@dataclasses.dataclass
+class RequestState:
+    """A request's state on the host."""
+
+    sid: int
+    request: Request
+    tokens: list[int]  # the prompt and every token emitted
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # keys of its full, computed blocks
+    computed: int = 0  # tokens whose keys and values are in its blocks
+    emitted: int = 0
+    cached: int = 0  # tokens taken from the prefix cache at its (last) admission
+
+    @property
+    def decoding(self) -> bool:
+        return self.emitted > 0 and self.computed == len(self.tokens) - 1
+
+    def last_position(self) -> int:
+        """The position of the last token it can ever feed: prompt + max_new_tokens - 1 tokens in all."""
+        return len(self.request.prompt) + self.request.max_new_tokens - 2
