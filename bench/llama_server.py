@@ -31,7 +31,7 @@ def llama_server(cache_dir: Path) -> Path:
     binary = root / "llama-server"
     if binary.exists():
         return binary
-    work = root.with_suffix(".partial")
+    work = root.parent / f"{root.name}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"downloading the llama-cpp-python {VERSION} sdist")
@@ -42,10 +42,11 @@ def llama_server(cache_dir: Path) -> Path:
     source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
     log(f"building llama-server from {source} (about 10 minutes on 2 cores)")
     build = work / "build"
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "-t", "llama-server", "-j", str(os.cpu_count() or 1)],
-                   check=True, stdout=subprocess.DEVNULL)
+    with open(work / "build.log", "w") as output:  # the compiler's warnings go there, not to the terminal
+        for command in (["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
+                        ["cmake", "--build", str(build), "-t", "llama-server", "-j", str(os.cpu_count() or 1)]):
+            if subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{' '.join(command[:3])} failed; see {work / 'build.log'}")
     built = next(build.rglob("llama-server"))
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy2(built, binary)

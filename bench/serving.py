@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -83,7 +84,7 @@ def stream(url: str, prompt: str, max_tokens: int) -> dict:
                                            extra_body={"cache_prompt": True}):
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].text:
+        if chunk.choices:  # a token came (its text may be empty: held back, or a special token)
             times.append(time.perf_counter())
     tokens = usage or len(times)  # a server without usage in streams sends one token per chunk
     return {"sent": sent, "times": times, "ttft": times[0] - sent, "tokens": tokens,
@@ -169,14 +170,15 @@ def run(args) -> dict:
     dirs, _ = smollm2(args.cache_dir)
     gguf = write_gguf(smollm2_gguf_path(), args.cache_dir / "smollm2-135m-instruct-F32.gguf", "F32")
     binary = llama_server(args.cache_dir)
-    ours = ["python", "-m", "infer.serve", str(dirs["float32"]), "--name", "smol", "--max-len", str(MAX_LEN)]
+    ours = [sys.executable, "-m", "infer.serve", str(dirs["float32"]), "--name", "smol", "--max-len", str(MAX_LEN)]
     servers = {
         "ours": ours + ["--port", "8931", "--slots", str(SLOTS)],
         "ours --no-prefix-cache": ours + ["--port", "8933", "--slots", str(SLOTS), "--no-prefix-cache"],
         "llama-server": [str(binary), "-m", str(gguf), "--port", "8932", "--parallel", str(SLOTS), "-c",
                          str(SLOTS * MAX_LEN), "--alias", "smol", "--log-disable"],
     }
-    results = {"engine_itl_s": engine_itl(dirs["float32"], args.new_tokens), "startup_s": {}}
+    results = {"engine_itl_s": engine_itl(dirs["float32"], args.new_tokens), "startup_s": {},
+               "new_tokens": args.new_tokens}
     for name, argv in servers.items():
         log(f"{name}: starting")
         with Server(argv, int(argv[argv.index("--port") + 1])) as server:

@@ -123,13 +123,20 @@ def test_a_full_pool_preempts_the_youngest_and_it_continues_exactly(gqa):
 
 
 def test_a_lone_request_runs_one_row_whatever_the_slots(gqa):
+    from llama_jax.generation.paged_steps import choose_shape, prefill_shapes
+
+    assert prefill_shapes(512, 16, 4096) == [(1, 32), (1, 128), (1, 512), (4, 32), (4, 128), (16, 32)]
+    assert prefill_shapes(8, 3, 64) == [(1, 8)] and prefill_shapes(512, 2, 64) == [(1, 32), (1, 64)]
+    shapes = prefill_shapes(512, 16, 4096)  # the cheapest per token: a long prompt, four tails, eight short ones
+    assert [choose_shape(shapes, p) for p in ([1437], [30] * 4, [100] * 8, [5])] == [(1, 512), (4, 32), (4, 128),
+                                                                                      (1, 32)]
     config, params, ref = gqa
     request = requests_of(ref)[0]
     engine = PagedEngine(params, config, slots=16, max_len=MAX_LEN, chunk=4, top_logprobs=3)
     got, _ = serve(engine, [request])
     assert got[0] == solo(config, params, request)
     assert {shape for kind, shape in engine.runs if kind == "decode"} == {1}
-    assert {shape for kind, shape in engine.runs if kind == "prefill"} == {(1, 64)}
+    assert {shape for kind, shape in engine.runs if kind == "prefill"} == {(1, 32)}  # 5 tokens: the narrowest
 
 
 def test_logprobs_are_the_models_and_the_chosen_token_is_among_the_top(gqa):

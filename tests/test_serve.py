@@ -32,12 +32,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint):
-    """`python -m infer.serve` on SmolLM2. Time (~60 s): the server compiles every admission and step shape
-    before it says ready (4 prefill buckets and 4 step widths up to --max-len 128), as it does for users."""
+    """`python -m infer.serve` on SmolLM2. Time (~60 s): the server compiles every shape before it says ready, as
+    it does for users: 3 prefill shapes (--max-batch-tokens 128), 4 decode row counts and 4 prompt scorers."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "infer.serve", str(smollm2_checkpoint), "--port", str(port), "--slots", str(SLOTS),
-         "--max-len", str(MAX_LEN), "--max-waiting", str(WAITING), "--api-key", KEY, "--name", "smol"],
+         "--max-len", str(MAX_LEN), "--max-waiting", str(WAITING), "--api-key", KEY, "--name", "smol",
+         "--max-batch-tokens", "128"],
         stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.generation.blocks import BlockPool, block_keys
-from llama_jax.generation.paged_steps import decode_pages, powers_of_two, prefill_chunk, prefill_shapes
+from llama_jax.generation.paged_steps import (choose_shape, decode_pages, powers_of_two, prefill_chunk,
+                                              prefill_shapes)
 from llama_jax.generation.requests import Output, Request, RequestState, Token
 from llama_jax.generation.sampling import GREEDY, sampling_rows
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted
@@ -193,7 +194,7 @@ class PagedEngine:
         self.blocks.release(sequence.blocks)
 
     def _prefill(self, prefilling: list[RequestState], outputs: dict[int, list[Token]]) -> None:
-        rows, width = self._prefill_shape(prefilling)
+        rows, width = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
         chosen = prefilling[:rows]
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), self.max_len, np.int32)  # padding: never a row's position
@@ -216,16 +217,6 @@ class PagedEngine:
             if sequence.computed == len(sequence.tokens):  # its tokens are all in: the next one is sampled
                 self._emit(sequence, first[r][0], outputs)
             self._register(sequence)
-
-    def _prefill_shape(self, prefilling: list[RequestState]) -> tuple[int, int]:
-        """The (rows, width) of `prefill_shapes` that covers the most pending prompt tokens (then the fewest)."""
-        pending = [len(s.tokens) - s.computed for s in prefilling]
-
-        def covered(shape):
-            rows, width = shape
-            return sum(min(p, width) for p in pending[:rows]), -rows * width
-
-        return max(self.prefill_shapes, key=covered)
 
     def _decode(self, decoding: list[RequestState], outputs: dict[int, list[Token]]) -> None:
         rows = next(n for n in self.decode_rows if n >= len(decoding))

@@ -18,6 +18,9 @@ from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop,
 from llama_jax.model import PagedCache, Pages, forward
 
 
+CALL_TOKENS = 64  # a prefill call's fixed cost, as tokens computed (see choose_shape)
+
+
 def request_keys(seeds: jax.Array) -> jax.Array:
     """Each row's PRNG stream `[rows]` from its request's seed, as `row_keys(seed, 1)[0]`."""
     return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
@@ -51,11 +54,20 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 def prefill_shapes(max_batch_tokens: int, slots: int, max_len: int) -> list[tuple[int, int]]:
-    """The (rows, width) shapes a prefill runs with: one prompt chunk of up to max_batch_tokens, or 4 or 16
-    shorter ones (rows * width = max_batch_tokens, rows <= slots, width <= max_len)."""
-    shapes = []
-    for rows in (1, 4, 16):
-        width = min(max_len, max(1, max_batch_tokens // rows))
-        if rows <= slots and (rows == 1 or width >= 8):
-            shapes.append((rows, width))
-    return sorted(set(shapes))
+    """The (rows, width) shapes a prefill runs with: 1, 4 or 16 prompt chunks (rows <= slots) of the whole budget,
+    a quarter or a sixteenth of it (at least 32 tokens, at most max_len), rows x width <= max_batch_tokens; so a
+    short prompt, or the tail left after a prefix-cache hit, is not padded to the whole budget."""
+    widths = {max_batch_tokens} | {w for w in (max_batch_tokens // 4, max_batch_tokens // 16) if w >= 32}
+    return sorted({(rows, min(width, max_len)) for rows in (1, 4, 16) for width in widths
+                   if rows <= slots and rows * width <= max_batch_tokens})
+
+
+def choose_shape(shapes: list[tuple[int, int]], pending: list[int]) -> tuple[int, int]:
+    """The shape that prefills the prompts' `pending` tokens (first come, first served) at the least cost per
+    token: rows x width computed, plus a call's fixed cost (reading the weights) of CALL_TOKENS tokens."""
+    def cost(shape):
+        rows, width = shape
+        covered = sum(min(p, width) for p in pending[:rows])
+        return (rows * width + CALL_TOKENS) / covered, -covered
+
+    return min(shapes, key=cost)
