@@ -14,7 +14,7 @@ from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows
 __all__ = [
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
-    "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine", "Request",
-    "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
+    "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine",
+    "Request", "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
     "token_logprobs",
 ]

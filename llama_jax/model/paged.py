@@ -107,8 +107,8 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     """Causal attention of queries q `[rows, q, heads, head_dim]` over their own rows' cached tokens.
 
     Query (r, i) at position p sees its row's tokens 0..p (those before `lengths[r]`). The row's blocks are read
-    `chunk_blocks(block_size)` at a time with an online softmax (scores and softmax in float32), for as many chunks as the
-    longest row in the step needs: a step's cost follows the tokens attended, not the pool's size or the rows'
+    `chunk_blocks(block_size)` at a time with an online softmax (scores and softmax in float32), for as many chunks as
+    the longest row in the step needs: a step's cost follows the tokens attended, not the pool's size or the rows'
     maximum length. Returns `[rows, q, heads, head_dim]`.
     """
     rows, length, heads, head_dim = q.shape
