@@ -21,9 +21,10 @@ from llama_jax.model import NULL_BLOCK
 ROOT = b"llama_jax"
 
 
-def block_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
-    """The key of each full block of `tokens`: a digest of the block's tokens and its parent's key."""
-    keys, parent = [], ROOT
+def block_keys(tokens: Sequence[int], block_size: int, parent: bytes = ROOT) -> list[bytes]:
+    """The key of each full block of `tokens`: a digest of the block's tokens and its parent's key (`parent`: the
+    key of the block before `tokens`, to extend a request's keys)."""
+    keys = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
         data = np.asarray(tokens[start:start + block_size], np.int64).tobytes()
         parent = hashlib.blake2b(parent + data, digest_size=16).digest()

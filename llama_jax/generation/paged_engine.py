@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generation.blocks import BlockPool, block_keys
+from llama_jax.generation.blocks import ROOT, BlockPool, block_keys
 from llama_jax.generation.paged_steps import (choose_shape, decode_pages, powers_of_two, prefill_chunk,
                                               prefill_shapes)
 from llama_jax.generation.requests import Output, Request, RequestState, Token
@@ -66,7 +66,7 @@ class PagedEngine:
         check_sizes(slots=slots, max_len=max_len, kv_tokens=kv_tokens, block_size=block_size,
                     max_batch_tokens=max_batch_tokens, chunk=chunk)
         self.config, self.slots, self.max_len, self.chunk, self.mesh = config, slots, max_len, chunk, mesh
-        self.block_size, self.max_batch_tokens = block_size, max_batch_tokens
+        self.block_size = block_size
         self.blocks = BlockPool(kv_tokens // block_size + 1, block_size, prefix_cache=prefix_cache)
         per_chunk = chunk_blocks(block_size)
         self.table_len = -(-(max_len // block_size) // per_chunk) * per_chunk
@@ -121,7 +121,7 @@ class PagedEngine:
         """Drop a waiting or running request; its blocks are free for the next step."""
         sequence = self.running.pop(sid, None)
         if sequence is not None:
-            self._release(sequence)
+            self.blocks.release(sequence.blocks)
             return
         for i, waiting in enumerate(self.waiting):
             if waiting.sid == sid:
@@ -185,13 +185,10 @@ class PagedEngine:
 
     def _preempt(self, sequence: RequestState) -> None:
         del self.running[sequence.sid]
-        self._release(sequence)
+        self.blocks.release(sequence.blocks)
         sequence.blocks, sequence.keys, sequence.computed = [], [], 0
         self.waiting.appendleft(sequence)
         self.counters["preemptions"] += 1
-
-    def _release(self, sequence: RequestState) -> None:
-        self.blocks.release(sequence.blocks)
 
     def _prefill(self, prefilling: list[RequestState], outputs: dict[int, list[Token]]) -> None:
         rows, width = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
@@ -245,11 +242,13 @@ class PagedEngine:
 
     def _register(self, sequence: RequestState) -> None:
         """Key the request's newly full, computed blocks, so later requests can share them."""
-        full = sequence.computed // self.block_size
-        if full > len(sequence.keys):
-            sequence.keys = block_keys(sequence.tokens[:full * self.block_size], self.block_size)
-            for block, key in zip(sequence.blocks[:full], sequence.keys, strict=True):
+        done, full = len(sequence.keys), sequence.computed // self.block_size
+        if full > done:
+            new = block_keys(sequence.tokens[done * self.block_size:full * self.block_size], self.block_size,
+                             sequence.keys[-1] if sequence.keys else ROOT)
+            for block, key in zip(sequence.blocks[done:full], new, strict=True):
                 self.blocks.register(block, key)
+            sequence.keys += new
 
     def _finish(self, outputs: dict[int, list[Token]]) -> list[Output]:
         results = []
@@ -259,7 +258,7 @@ class PagedEngine:
                       "length" if sequence.emitted >= sequence.request.max_new_tokens else None)
             if reason is not None:
                 del self.running[sid]
-                self._release(sequence)
+                self.blocks.release(sequence.blocks)
             first = sequence.emitted == len(tokens)
             results.append(Output(sid, tokens, reason, sequence.cached if first else 0))
         return results
