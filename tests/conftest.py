@@ -49,15 +49,30 @@ def load_fixture(variant: str):
 
 @pytest.fixture(scope="session")
 def hf_smollm2_model():
-    """transformers' LlamaForCausalLM loaded from the SmolLM2 GGUF (fp32, eval): the real-model reference."""
+    """transformers' LlamaForCausalLM loaded from the SmolLM2 GGUF (fp32, eval): the real-model reference.
+
+    transformers reads a GGUF slowly (~30 s: the file twice, a tensor-name map built per tensor), so the first
+    process of the session to need it saves what it loaded with `save_model` in the session directory, and the
+    other xdist worker loads that (~1 s): the same tensors, written and read by transformers alone."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from filelock import FileLock
+    from safetensors.torch import save_model
+
     from llama_jax.checkpoints.gguf_file import smollm2_gguf_path
 
-    path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
-    return model.eval()
+    saved = Path(SESSION_DIR) / "hf-smollm2"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{saved}.lock"):
+        if not saved.is_dir():
+            path = smollm2_gguf_path()
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=torch.float32)
+            model.config.save_pretrained(f"{saved}.partial")  # (a GGUF-loaded model refuses save_pretrained)
+            save_model(model, f"{saved}.partial/model.safetensors")
+            os.rename(f"{saved}.partial", saved)
+            return model.eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import numpy as np
 
 from infer.serve.metrics import Metrics
 from infer.serve.protocol import ApiError, Message, Sampling
-from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, prefill_lengths,
-                                  token_logprobs)
+from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, compile_all,
+                                  prefill_lengths, token_logprobs)
 from llama_jax.text import Encoder, StreamDecoder
 
 MAX_TOP = 5
@@ -143,15 +143,18 @@ class Service:
 
     def _scorer(self, padded: int):
         if padded not in self._scorers:
-            rows = np.zeros((1, padded), np.int32)
-            with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
-                self._scorers[padded] = self._score.lower(self.params, rows, rows).compile()
+            self._scorers.update(compile_all({padded: self._lower_scorer(padded)}))
         return self._scorers[padded]
 
+    def _lower_scorer(self, padded: int):
+        rows = np.zeros((1, padded), np.int32)
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            return self._score.lower(self.params, rows, rows)
+
     def warm_up(self) -> int:
-        """Compile the prompt scorer for every prompt length bucket; returns how many programs."""
-        for padded in prefill_lengths(self.max_len):
-            self._scorer(padded)
+        """Compile the prompt scorer for every prompt length bucket, several at once; returns how many programs."""
+        self._scorers.update(compile_all({padded: self._lower_scorer(padded) for padded in prefill_lengths(self.max_len)
+                                          if padded not in self._scorers}))
         return len(self._scorers)
 
     def score(self, ids: list[int]) -> list[Token]:

@@ -5,7 +5,7 @@ paged KV pool with a prefix cache; `Scheduler` runs it on a thread."""
 
 from llama_jax.generation.engine import (Completion, Engine, Generation, bucket, cache_length, enable_compilation_cache,
                                          left_pad, prefill_lengths)
-from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token, check_sizes
+from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token, check_sizes, compile_all
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
 from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
@@ -15,6 +15,6 @@ __all__ = [
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine",
-    "Request", "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
+    "compile_all", "Request", "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler", "Ticket", "Update",
     "token_logprobs",
 ]

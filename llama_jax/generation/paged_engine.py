@@ -22,9 +22,11 @@ stream and step count go with it, whatever rows, chunks or preemptions it goes t
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -278,34 +280,45 @@ class PagedEngine:
     def _program(self, kind: str, shape, args: tuple):
         """The compiled prefill ((rows, width)) or decode (rows) program, compiled on first use."""
         if (kind, shape) not in self._programs:
-            fn = self._prefill_fn if kind == "prefill" else self._decode_fn
-            with self._on_mesh():
-                self._programs[kind, shape] = fn.lower(*args).compile(compiler_options=self._options)
+            self._programs.update(compile_all({(kind, shape): self._lower(kind, args)}, self._options))
         self.runs[kind, shape] += 1
         return self._programs[kind, shape]
+
+    def _lower(self, kind: str, args: tuple):
+        with self._on_mesh():
+            return (self._prefill_fn if kind == "prefill" else self._decode_fn).lower(*args)
 
     def _on_mesh(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def warm_up(self) -> tuple[int, float]:
-        """Compile every prefill and decode shape now (none is compiled while serving); returns (programs,
-        seconds)."""
+        """Compile every prefill and decode shape now, several at once (none is compiled while serving); returns
+        (programs, seconds)."""
         start = time.perf_counter()
+        lowered = {}
         for rows, width in self.prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             tables = np.zeros((rows, self.table_len), np.int32)
             steps = np.zeros(rows, np.int32)
-            args = (self.params, self.pool, zeros, Pages(tables, zeros, steps), steps, steps,
-                    sampling_rows([GREEDY] * rows))
-            self._program("prefill", (rows, width), args)
+            lowered["prefill", (rows, width)] = self._lower("prefill", (
+                self.params, self.pool, zeros, Pages(tables, zeros, steps), steps, steps,
+                sampling_rows([GREEDY] * rows)))
         for rows in self.decode_rows:
             zeros = np.zeros(rows, np.int32)
-            args = (self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
-                    DecodeState(zeros, zeros, np.ones(rows, bool), zeros), zeros, sampling_rows([GREEDY] * rows),
-                    self.is_stop, zeros)
-            self._program("decode", rows, args)
-        self.runs.clear()
+            lowered["decode", rows] = self._lower("decode", (
+                self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
+                DecodeState(zeros, zeros, np.ones(rows, bool), zeros), zeros, sampling_rows([GREEDY] * rows),
+                self.is_stop, zeros))
+        self._programs.update(compile_all(lowered, self._options))
         return len(self._programs), time.perf_counter() - start
+
+
+def compile_all(lowered: dict, options: dict | None = None) -> dict:
+    """Compile lowered programs `{key: jax.stages.Lowered}` on a thread each (XLA compiles outside the GIL, so a
+    machine with several cores compiles several at once); returns `{key: compiled}`."""
+    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1) or 1) as pool:
+        compiled = pool.map(lambda program: program.compile(compiler_options=options or {}), lowered.values())
+        return dict(zip(lowered, compiled, strict=True))
 
 
 def check_sizes(*, slots: int, max_len: int, kv_tokens: int, block_size: int, max_batch_tokens: int,
