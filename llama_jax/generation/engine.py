@@ -110,6 +110,8 @@ class Engine:
                  cache_dtype=jnp.float32, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
                  attention: str = "xla"):
         check_attention(attention, dtype)
+        if sampling.penalized:
+            raise ValueError("logit_bias and the penalties are applied by the serving engine (PagedEngine) only")
         self.config, self.max_len, self.sampling, self.mesh = config, max_len, sampling, mesh
         self.cache_dtype, self.dtype, self.attention = cache_dtype, dtype, attention
         stacked = "layers" in params

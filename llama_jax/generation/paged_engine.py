@@ -38,6 +38,7 @@ import numpy as np
 from llama_jax.generation.blocks import ROOT, BlockPool, block_keys
 from llama_jax.generation.paged_steps import (choose_shape, decode_pages, powers_of_two, prefill_chunk,
                                               prefill_shapes)
+from llama_jax.generation.penalties import penalty_rows
 from llama_jax.generation.requests import Output, Request, RequestState, Token
 from llama_jax.generation.sampling import GREEDY, sampling_rows
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted
@@ -106,8 +107,13 @@ class PagedEngine:
         n = len(request.prompt)
         if n < 1 or request.max_new_tokens < 1:
             raise ValueError("a request needs a prompt of at least one token and max_new_tokens >= 1")
-        if any(not 0 <= t < self.config.vocab_size for t in request.prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in request.sampling.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in request.stop_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if n + request.max_new_tokens - 1 > self.max_len:
             raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={request.max_new_tokens} does not fit the "
                              f"context of {self.max_len} tokens")
@@ -197,7 +203,7 @@ class PagedEngine:
         chosen = prefilling[:rows]
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), self.max_len, np.int32)  # padding: never a row's position
-        lengths, seeds, steps = (np.zeros(rows, np.int32) for _ in range(3))
+        lengths, steps = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         tables = np.zeros((rows, self.table_len), np.int32)
         for r, sequence in enumerate(chosen):
             part = sequence.tokens[sequence.computed:sequence.computed + width]
@@ -205,9 +211,10 @@ class PagedEngine:
             positions[r, width - len(part):] = np.arange(sequence.computed, sequence.computed + len(part))
             lengths[r] = sequence.computed + len(part)
             tables[r, :len(sequence.blocks)] = sequence.blocks
-            seeds[r], steps[r] = sequence.request.seed, sequence.emitted
-        sampling = sampling_rows([s.request.sampling for s in chosen] + [GREEDY] * (rows - len(chosen)))
-        args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, steps, sampling)
+            steps[r] = sequence.emitted
+        seeds, streams, sampling, penalties, history, prompts = self._row_args(chosen, rows)
+        args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, streams, steps, sampling,
+                penalties, history, prompts)
         self.pool, first = self._program("prefill", (rows, width), args)(*args)
         first = self._tokens(first)
         for r, sequence in enumerate(chosen):
@@ -219,22 +226,36 @@ class PagedEngine:
 
     def _decode(self, decoding: list[RequestState], outputs: dict[int, list[Token]]) -> None:
         rows = next(n for n in self.decode_rows if n >= len(decoding))
-        token, position, seeds, steps, limit = (np.zeros(rows, np.int32) for _ in range(5))
+        token, position, steps, limit = (np.zeros(rows, np.int32) for _ in range(4))
         tables = np.zeros((rows, self.table_len), np.int32)
         for r, sequence in enumerate(decoding):
             token[r], position[r] = sequence.tokens[-1], len(sequence.tokens) - 1
-            seeds[r], steps[r], limit[r] = sequence.request.seed, sequence.emitted, sequence.request.max_new_tokens
+            steps[r], limit[r] = sequence.emitted, sequence.request.max_new_tokens
             tables[r, :len(sequence.blocks)] = sequence.blocks
-        sampling = sampling_rows([s.request.sampling for s in decoding] + [GREEDY] * (rows - len(decoding)))
         done = np.arange(rows) >= len(decoding)
-        args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, sampling,
-                self.is_stop, limit)
+        seeds, streams, sampling, penalties, history, prompts = self._row_args(decoding, rows)
+        args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, streams, sampling,
+                penalties, history, prompts, self.is_stop, limit)
         self.pool, out = self._program("decode", rows, args)(*args)
         for sequence, new in zip(decoding, self._tokens(out), strict=False):
+            stops = [i for i, t in enumerate(new) if t.id in sequence.request.stop_ids]
+            new = new[:stops[0] + 1] if stops else new  # the request's own stop ids end it on the host
             sequence.computed += len(new)
             for t in new:
                 self._emit(sequence, t, outputs)
             self._register(sequence)
+
+    def _row_args(self, chosen: list[RequestState], rows: int) -> tuple:
+        """Each row's seed, stream, sampling, penalties, tokens so far (`[rows, max_len]`, -1 after them) and prompt
+        length; rows past `chosen` are greedy and empty."""
+        seeds, streams, prompts = (np.zeros(rows, np.int32) for _ in range(3))
+        history = np.full((rows, self.max_len), -1, np.int32)
+        for r, sequence in enumerate(chosen):
+            request = sequence.request
+            seeds[r], streams[r], prompts[r] = request.seed, request.stream, len(request.prompt)
+            history[r, :len(sequence.tokens)] = sequence.tokens[:self.max_len]
+        params = [s.request.sampling for s in chosen] + [GREEDY] * (rows - len(chosen))
+        return seeds, streams, sampling_rows(params), penalty_rows(params), history, prompts
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
         sequence.tokens.append(token.id)
@@ -256,7 +277,8 @@ class PagedEngine:
         results = []
         for sid, tokens in outputs.items():
             sequence = self.running[sid]
-            reason = ("stop" if self.is_stop[sequence.tokens[-1]] else
+            last = sequence.tokens[-1]
+            reason = ("stop" if self.is_stop[last] or last in sequence.request.stop_ids else
                       "length" if sequence.emitted >= sequence.request.max_new_tokens else None)
             if reason is not None:
                 del self.running[sid]
@@ -299,16 +321,17 @@ class PagedEngine:
         for rows, width in self.prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             tables = np.zeros((rows, self.table_len), np.int32)
-            steps = np.zeros(rows, np.int32)
+            seeds, streams, sampling, penalties, history, prompts = self._row_args([], rows)
             lowered["prefill", (rows, width)] = self._lower("prefill", (
-                self.params, self.pool, zeros, Pages(tables, zeros, steps), steps, steps,
-                sampling_rows([GREEDY] * rows)))
+                self.params, self.pool, zeros, Pages(tables, zeros, seeds), seeds, streams, seeds, sampling,
+                penalties, history, prompts))
         for rows in self.decode_rows:
             zeros = np.zeros(rows, np.int32)
+            seeds, streams, sampling, penalties, history, prompts = self._row_args([], rows)
             lowered["decode", rows] = self._lower("decode", (
                 self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
-                DecodeState(zeros, zeros, np.ones(rows, bool), zeros), zeros, sampling_rows([GREEDY] * rows),
-                self.is_stop, zeros))
+                DecodeState(zeros, zeros, np.ones(rows, bool), zeros), seeds, streams, sampling, penalties, history,
+                prompts, self.is_stop, zeros))
         self._programs.update(compile_all(lowered, self._options))
         return len(self._programs), time.perf_counter() - start
 

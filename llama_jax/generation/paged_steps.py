@@ -3,9 +3,11 @@ token, over a `PagedCache` (llama_jax.model.paged), and decode steps (`steps.dec
 model, the sampler and the emitted tokens' format are the ones `Engine` uses; only where keys and values live
 differs.
 
-Rows carry what the host knows about each request: its seed (the request's PRNG stream is row 0 of
-`row_keys(seed, 1)`, as `Engine.generate(..., seed=seed)` alone), tokens emitted so far (the step whose key samples
-the next token), sampling parameters and token limit. Unused rows have length 0: they write and emit nothing.
+Rows carry what the host knows about each request: its seed and stream (the request's PRNG stream is row `stream`
+of `row_keys(seed, ...)`, as row `stream` of `Engine.generate(..., seed=seed)`), tokens emitted so far (the step whose
+key samples the next token), sampling parameters, logit bias and penalties with the tokens they count (`history`:
+prompt then generated tokens, -1 after them; `prompt_lengths`), and token limit. Unused rows have length 0: they
+write and emit nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax.generation.penalties import PenaltyRows, penalize, token_counts
 from llama_jax.generation.sampling import SamplingRows, sample, step_keys
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, emitted
 from llama_jax.model import PagedCache, Pages, forward
@@ -21,29 +24,32 @@ from llama_jax.model import PagedCache, Pages, forward
 CALL_TOKENS = 64  # a prefill call's fixed cost, as tokens computed (see choose_shape)
 
 
-def request_keys(seeds: jax.Array) -> jax.Array:
-    """Each row's PRNG stream `[rows]` from its request's seed, as `row_keys(seed, 1)[0]`."""
-    return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), 0))(seeds)
+def request_keys(seeds: jax.Array, streams: jax.Array) -> jax.Array:
+    """Each row's PRNG stream `[rows]` from its request's seed and stream, as `row_keys(seed, n)[stream]`."""
+    return jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(seeds, streams)
 
 
-def prefill_chunk(params, pool: PagedCache, tokens, pages: Pages, seeds, steps, rows: SamplingRows, *, config,
-                  dtype, attention, top_logprobs) -> tuple[PagedCache, Emitted]:
+def prefill_chunk(params, pool: PagedCache, tokens, pages: Pages, seeds, streams, steps, rows: SamplingRows,
+                  penalties: PenaltyRows, history, prompt_lengths, *, config, dtype, attention, top_logprobs
+                  ) -> tuple[PagedCache, Emitted]:
     """Prompt chunks `[rows, q]`, left padded (a row's tokens end at its last column), into their rows' blocks;
     samples each row's next token from its last token's logits with the key of step `steps` `[rows]`.
     Returns (pool, Emitted of width 1); the host keeps the token only for rows whose chunk ends their tokens."""
     logits, pool = forward(params, tokens, config, cache=pool, pages=pages, dtype=dtype, last_only=True,
                            attention=attention)
     logits = logits[:, -1]
-    token = sample(logits, step_keys(request_keys(seeds), steps), rows)
+    adjusted = penalize(logits, penalties, token_counts(history, prompt_lengths, logits.shape[-1]))
+    token = sample(adjusted, step_keys(request_keys(seeds, streams), steps), rows)
     return pool, emitted(logits, jnp.where(pages.lengths > 0, token, EMPTY), top_logprobs)
 
 
-def decode_pages(params, pool, tables, state: DecodeState, seeds, rows, is_stop, limit, *, config, dtype, attention,
-            width, top_logprobs):
+def decode_pages(params, pool, tables, state: DecodeState, seeds, streams, rows, penalties: PenaltyRows, history,
+                 prompt_lengths, is_stop, limit, *, config, dtype, attention, width, top_logprobs):
     """`decode_loop` over a paged pool, the rows' PRNG streams from their seeds. -> (pool, Emitted)."""
-    pool, _, out = decode_loop(params, pool, state, request_keys(seeds), rows, is_stop, limit, config=config,
-                               dtype=dtype, attention=attention, width=width, top_logprobs=top_logprobs,
-                               tables=tables)
+    counts = token_counts(history, prompt_lengths, config.vocab_size)
+    pool, _, out = decode_loop(params, pool, state, request_keys(seeds, streams), rows, is_stop, limit,
+                               config=config, dtype=dtype, attention=attention, width=width,
+                               top_logprobs=top_logprobs, tables=tables, penalties=(penalties, counts))
     return pool, out
 
 

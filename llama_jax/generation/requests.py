@@ -10,13 +10,16 @@ from llama_jax.generation.sampling import GREEDY, SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A prompt (token ids), up to `max_new_tokens` more, and how to sample them (seed: the request's PRNG stream,
-    as row 0 of `Engine.generate(..., seed=seed)`)."""
+    """A prompt (token ids), up to `max_new_tokens` more, and how to sample them (seed and stream: the request's
+    PRNG stream, as row `stream` of `Engine.generate(..., seed=seed)`; the choices of one prompt take streams 0, 1,
+    ...); stop_ids: its own stop tokens, besides the checkpoint's."""
 
     prompt: Sequence[int]
     max_new_tokens: int
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    stream: int = 0
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,22 @@ class SamplingParams:
                  the most likely token is always kept.
     min_p:       keep tokens whose probability is at least min_p times the most likely one's (0 = off).
     The filters compose in that order (temperature, top-k, top-p, min-p), as in Hugging Face and vLLM.
+    Before them (greedy rows too), with the serving engine only (see llama_jax.generation.penalties):
+    logit_bias:  ((token id, value in [-100, 100]), ...) added to those tokens' logits, as OpenAI's.
+    presence_penalty, frequency_penalty: in [-2, 2], OpenAI's: subtracted once for each token generated so far /
+                 for every time it was generated.
+    repetition_penalty: > 0 (1 = off), transformers' and vLLM's: a token in the prompt or generated so far has its
+                 logit divided by it when positive, multiplied when negative.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -38,6 +48,20 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got "
+                             f"{self.repetition_penalty!r}")
+        if any(not -100 <= value <= 100 for _, value in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether it asks for a logit bias or a penalty (which only the serving engine applies)."""
+        return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (
+            0, 0, 1)
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_jax.generation.penalties import Counts, PenaltyRows, count_tokens, penalize
 from llama_jax.generation.sampling import SamplingRows, sample, step_keys
 from llama_jax.model import KVCache, LlamaConfig, PagedCache, Pages, forward
 
@@ -86,13 +87,16 @@ def prefill(params, cache, tokens, positions, segment_ids, keys, rows: SamplingR
 
 
 def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_stop, limit, *, config, dtype,
-                attention, width, candidates=None, top_logprobs=0, kv_len=None, tables=None
+                attention, width, candidates=None, top_logprobs=0, kv_len=None, tables=None,
+                penalties: tuple[PenaltyRows, Counts] | None = None
                 ) -> tuple[KVCache | PagedCache, DecodeState, Emitted]:
     """Up to `width` steps, until every row is finished: done, or its step count at `limit` (a scalar or `[batch]`).
 
     Returns (cache, state, Emitted `[batch, width]`): EMPTY where a row had already finished or the loop had ended.
     kv_len: the cache slots the steps attend over (`forward`'s); every unfinished row's slots must fit in them.
     tables: with a paged pool as `cache`, each row's blocks (see `decode_step`), holding every position it reaches.
+    penalties: each row's logit bias and penalties and the counts they start from (llama_jax.generation.penalties),
+    counted on as the rows generate.
     """
     batch = state.token.shape[0]
     out = Emitted(jnp.full((batch, width), EMPTY, jnp.int32))
@@ -105,19 +109,22 @@ def decode_loop(params, cache, state: DecodeState, keys, rows: SamplingRows, is_
         return s.done | (s.step >= limit)
 
     def running(carry):
-        _, s, _, i = carry
+        _, s, _, _, i = carry
         return (i < width) & ~jnp.all(finished(s))
 
     def step(carry):
-        cache, s, out, i = carry
+        cache, s, out, counts, i = carry
         over = finished(s)
         logits, cache = decode_step(params, cache, jnp.where(over, 0, s.token), s.position, config, dtype,
                                     attention, kv_len, ~over, tables)
-        token = sample(logits, step_keys(keys, s.step), rows, candidates)
+        adjusted = logits if penalties is None else penalize(logits, penalties[0], counts)
+        token = sample(adjusted, step_keys(keys, s.step), rows, candidates)
         new = emitted(logits, jnp.where(over, EMPTY, token), top_logprobs)
         out = jax.tree.map(lambda buffer, x: jax.lax.dynamic_update_slice_in_dim(buffer, x, i, axis=1), out, new)
         state = DecodeState(token, s.position + 1, s.done | (~over & is_stop[token]), s.step + 1)
-        return cache, state, out, i + 1
+        counts = None if penalties is None else count_tokens(counts, token, ~over)
+        return cache, state, out, counts, i + 1
 
-    cache, state, out, _ = jax.lax.while_loop(running, step, (cache, state, out, jnp.int32(0)))
+    counts = None if penalties is None else penalties[1]
+    cache, state, out, _, _ = jax.lax.while_loop(running, step, (cache, state, out, counts, jnp.int32(0)))
     return cache, state, out
