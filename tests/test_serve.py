@@ -163,7 +163,12 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
     ({"model": "smol", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "smol", "prompt": 5}, 400, "prompt"),
     ({"model": "smol", "prompt": "x", "max_tokens": MAX_LEN}, 400, "maximum context length"),
-    ({"model": "smol", "prompt": "x", "n": 2}, 400, "n: "),
+    ({"model": "smol", "prompt": "x", "n": 17}, 400, "n: "),
+    ({"model": "smol", "prompt": "x", "logit_bias": {"50000": 5}}, 400, "logit_bias: token ids must be in"),
+    ({"model": "smol", "prompt": "x", "logit_bias": {"12": 101}}, 400, "logit_bias: the value for 12"),
+    ({"model": "smol", "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias: 'a' is not a token id"),
+    ({"model": "smol", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": "smol", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ({"model": "smol", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "smol", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "smol", "prompt": [99999999]}, 400, "token ids"),
@@ -233,6 +238,38 @@ def test_a_shared_system_prompt_hits_the_prefix_cache_and_metrics_count_it(serve
     assert after["llama_jax_kv_blocks_used"] >= 0 and health["blocks_used"] == 0 and health["blocks_cached"] > 0
 
 
+def test_n_logit_bias_penalties_and_stop_token_ids(server, client):
+    """n choices (streams of one seed, reproducible; streamed the same), logit_bias banning and forcing a token,
+    a frequency penalty changing greedy text, stop_token_ids ending a choice, vLLM's top_k/min_p accepted."""
+    def tokenize(text):
+        return http(server, "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"]
+
+    ask = dict(model="smol", prompt="one two one two one two one two", max_tokens=10, temperature=0)
+    base = client.completions.create(**ask).choices[0].text
+    first = tokenize(base)[0]
+    banned = client.completions.create(**ask, logit_bias={str(first): -100}).choices[0].text
+    assert banned and first not in tokenize(banned)[:1]
+    banana = tokenize(" banana")[0]
+    forced = client.completions.create(**ask, logit_bias={str(banana): 100}).choices[0].text
+    assert forced == http(server, "/detokenize", {"tokens": [banana] * 10})[1]["prompt"]
+    assert client.completions.create(**ask, frequency_penalty=2.0).choices[0].text != base
+    stopped = client.completions.create(**ask, extra_body={"stop_token_ids": [first]})
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == (
+        "", "stop", 1)
+
+    sampled = dict(model="smol", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8,
+                   temperature=1.0, seed=11, extra_body={"top_k": 40, "min_p": 0.01})
+    four = [c.message.content for c in client.chat.completions.create(**sampled, n=4).choices]
+    assert four == [c.message.content for c in client.chat.completions.create(**sampled, n=4).choices]
+    assert len(set(four)) > 1 and client.chat.completions.create(**sampled).choices[0].message.content == four[0]
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**sampled, n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == four[:2]
+    assert idle(server)["blocks_used"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kv-tokens", "100"], "--kv-tokens 100 is below --max-len 128"),
     (["--block-size", "48"], "--block-size 48 must divide --max-len 128"),
@@ -257,3 +294,4 @@ def test_sigterm_lets_requests_in_flight_finish(server, client):
     assert result.result(timeout=120).usage.completion_tokens == 40
     assert process.wait(timeout=60) == 0
     assert "stopped" in "".join(server[2])
+

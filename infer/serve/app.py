@@ -98,26 +98,29 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         check(body)
         ids = service.chat_ids(body.messages)
-        pieces = service.generate(ids, body, service.budget(ids, body), seed_of(body))
+        runs = await service.choices(ids, body, service.budget(ids, body), seed_of(body))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
         if body.stream:
-            return sse(chat_stream(pieces, meta, body, len(ids)))
-        text, tokens, reason = await collect(pieces, request)
-        message = {"role": "assistant", "content": text}
-        logprobs = None if body.top() is None else chat_logprobs(service.encoder, tokens, body.top())
-        return {**meta, "object": "chat.completion", "usage": usage(len(ids), len(tokens)),
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}]}
+            return sse(chat_stream(runs, meta, body, len(ids)))
+        results = await asyncio.gather(*(collect(run, request) for run in runs))
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": None if body.top() is None else chat_logprobs(service.encoder, tokens, body.top())}
+                   for i, (text, tokens, reason) in enumerate(results)]
+        return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": usage(len(ids), sum(len(tokens) for _, tokens, _ in results))}
 
-    async def chat_stream(pieces, meta, body: ChatRequest, prompt_tokens: int) -> AsyncIterator[dict]:
+    async def chat_stream(runs, meta, body: ChatRequest, prompt_tokens: int) -> AsyncIterator[dict]:
         chunk = {**meta, "object": "chat.completion.chunk"}
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield {**chunk, "choices": [choice]}
+        for index in range(len(runs)):
+            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}
+            yield {**chunk, "choices": [choice]}
         count = 0
-        async for piece in pieces:
+        async for index, piece in merged(runs):
             count += len(piece.tokens)
             logprobs = None if body.top() is None else chat_logprobs(service.encoder, piece.tokens, body.top())
             delta = {"content": piece.text} if piece.text else {}
-            yield {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            yield {**chunk, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": piece.finish_reason}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**chunk, "choices": [], "usage": usage(prompt_tokens, count)}
@@ -131,12 +134,14 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         budgets = [service.budget(ids, body) for ids in prompts] if body.max_tokens != 0 else [0] * len(prompts)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
         seed = seed_of(body)
-        runs = [service.generate(ids, body, n, seed) if n else None for ids, n in zip(prompts, budgets, strict=True)]
+        runs = [await service.choices(ids, body, n, seed) if n else [None] * body.n
+                for ids, n in zip(prompts, budgets, strict=True)]
         if body.stream:
             return sse(completion_stream(runs[0], meta, body, prompts[0]))
-        results = await asyncio.gather(*(collect(run, request) if run else done() for run in runs))
+        results = await asyncio.gather(*(collect(run, request) if run else done() for each in runs for run in each))
         choices, total = [], 0
-        for index, (ids, (text, tokens, reason)) in enumerate(zip(prompts, results, strict=True)):
+        for index, (text, tokens, reason) in enumerate(results):  # index: prompt x n + choice, as OpenAI's
+            ids = prompts[index // body.n]
             scored = await asyncio.to_thread(service.score, ids) if body.echo else []
             prompt_text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
             logprobs = None
@@ -148,18 +153,20 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         return {**meta, "object": "text_completion", "choices": choices,
                 "usage": usage(sum(len(p) for p in prompts), total)}
 
-    async def completion_stream(pieces, meta, body: CompletionRequest, ids: list[int]) -> AsyncIterator[dict]:
+    async def completion_stream(runs, meta, body: CompletionRequest, ids: list[int]) -> AsyncIterator[dict]:
         chunk = {**meta, "object": "text_completion"}
         count = 0
         if body.echo:
             scored = await asyncio.to_thread(service.score, ids) if body.top() is not None else []
             logprobs = None if body.top() is None else completion_logprobs(service.encoder, scored, body.top())
             text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False)
-            yield {**chunk, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]}
-        async for piece in pieces:
+            for index in range(len(runs)):
+                yield {**chunk, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                             "finish_reason": None}]}
+        async for index, piece in merged(runs):
             count += len(piece.tokens)
             logprobs = None if body.top() is None else completion_logprobs(service.encoder, piece.tokens, body.top())
-            yield {**chunk, "choices": [{"index": 0, "text": piece.text, "logprobs": logprobs,
+            yield {**chunk, "choices": [{"index": index, "text": piece.text, "logprobs": logprobs,
                                          "finish_reason": piece.finish_reason}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**chunk, "choices": [], "usage": usage(len(ids), count)}
@@ -180,6 +187,35 @@ def seed_of(body: Sampling) -> int:
 async def done() -> tuple[str, list, str]:
     """A choice with no generated tokens (max_tokens 0 with echo)."""
     return "", [], "length"
+
+
+async def merged(runs: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(choice index, piece) from several choices as each comes; leaving early (or one failing) ends them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, run: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in run:
+                queue.put_nowait((index, piece, None))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait((index, None, e))
+        queue.put_nowait((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            index, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                left -= 1
+            else:
+                yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def collect(pieces: AsyncIterator[Piece], request: Request) -> tuple[str, list, str | None]:

@@ -7,8 +7,11 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from llama_jax.generation.penalties import MAX_LOGIT_BIAS
+
 MAX_TOP_LOGPROBS = 5
 MAX_STOPS = 4
+MAX_N = 16
 
 
 class ApiError(Exception):
@@ -62,25 +65,38 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's extra fields from here on
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[int] | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
     best_of: int | None = None
 
     def check(self) -> None:
         """ApiError 400 for what this server does not do (rather than silently ignoring it)."""
-        if self.n not in (None, 1):
-            raise unsupported("n", "more than one choice per prompt")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", "best_of > 1")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise unsupported(name, "a penalty")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit_bias")
         if len(self.stops()) > MAX_STOPS:
             raise ApiError(400, f"stop: at most {MAX_STOPS} sequences", param="stop")
+        self.bias()
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, value) pairs (ApiError 400 unless the keys are token ids and the values in
+        [-100, 100])."""
+        pairs, given = [], self.logit_bias or {}
+        if len(given) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+        for key, value in given.items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: the value for {key} must be in [-100, 100], got {value}",
+                               param="logit_bias")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]

@@ -33,15 +33,19 @@ class Piece:
 
 class TextStream:
     """Token ids -> text increments, ending at the first stop string (which is not returned); text that could be the
-    start of a stop string is held back until it cannot."""
+    start of a stop string is held back until it cannot. A request's own stop token (stop_ids) ends it without
+    text, as vLLM's stop_token_ids."""
 
-    def __init__(self, encoder: Encoder, stops: Sequence[str]):
-        self.decoder, self.stops = StreamDecoder(encoder.tokenizer), list(stops)
+    def __init__(self, encoder: Encoder, stops: Sequence[str], stop_ids: Sequence[int] = ()):
+        self.decoder, self.stops, self.stop_ids = StreamDecoder(encoder.tokenizer), list(stops), set(stop_ids)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
 
     def push(self, tokens: list[Token], finish_reason: str | None) -> Piece:
-        text = self.pending + self.decoder.push([t.id for t in tokens])
+        ids = [t.id for t in tokens]
+        if finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids = ids[:-1]
+        text = self.pending + self.decoder.push(ids)
         if finish_reason:
             text += self.decoder.flush()
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
@@ -95,19 +99,41 @@ class Service:
                            code="context_length_exceeded")
         return room if asked is None else asked
 
-    @staticmethod
-    def sampling(body: Sampling) -> SamplingParams:
-        """OpenAI's defaults (temperature 1, top_p 1) where the request is silent."""
+    def sampling(self, body: Sampling) -> SamplingParams:
+        """OpenAI's defaults (temperature 1, top_p 1) where the request is silent; ApiError 400 naming the field for
+        a token id outside the vocabulary."""
+        bias = body.bias()
+        for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
+            if any(not 0 <= t < self.config.vocab_size for t in ids):
+                raise ApiError(400, f"{name}: token ids must be in [0, {self.config.vocab_size})", param=name)
         return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p)
+                              top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
+                              min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                              frequency_penalty=body.frequency_penalty or 0.0,
+                              repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias)
 
-    def generate(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> AsyncIterator[Piece]:
+    async def choices(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> list[AsyncIterator[Piece]]:
+        """`body.n` choices of one prompt (streams 0..n-1 of the seed). The others are queued once the first has
+        its first token: its prompt is then in the prefix cache, and they prefill only its last, partial block."""
+        first = self.generate(ids, body, max_tokens, seed)
+        if body.n == 1:
+            return [first]
+        try:
+            head = await anext(first)
+            rest = [self.generate(ids, body, max_tokens, seed, stream) for stream in range(1, body.n)]
+        except BaseException:
+            await first.aclose()
+            raise
+        return [prepend(head, first), *rest]
+
+    def generate(self, ids: list[int], body: Sampling, max_tokens: int, seed: int, stream: int = 0
+                 ) -> AsyncIterator[Piece]:
         """Queue the request now (ApiError 429 when the queue is full, 503 while shutting down); returns its pieces
         as the engine makes them. Leaving the iterator early (a client gone) frees the slot."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         arrived = time.perf_counter()
-        request = Request(ids, max_tokens, self.sampling(body), seed)
+        request = Request(ids, max_tokens, self.sampling(body), seed, stream, tuple(body.stop_token_ids or ()))
         try:
             ticket = self.scheduler.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
         except QueueFull as e:
@@ -117,7 +143,7 @@ class Service:
             raise ApiError(503, str(e), kind="server_error", retry_after=5) from None
         except ValueError as e:
             raise ApiError(400, str(e), param="prompt") from None
-        return self._pieces(ticket, updates, TextStream(self.encoder, body.stops()), arrived)
+        return self._pieces(ticket, updates, TextStream(self.encoder, body.stops(), request.stop_ids), arrived)
 
     async def _pieces(self, ticket: Ticket, updates: asyncio.Queue, text: TextStream, arrived: float
                       ) -> AsyncIterator[Piece]:
@@ -168,3 +194,14 @@ class Service:
         return [Token(ids[0])] + [Token(ids[t], float(chosen[t - 1]),
                                tuple(zip(top_ids[t - 1].tolist(), top_lp[t - 1].tolist(), strict=True)))
                          for t in range(1, len(ids))]
+
+
+async def prepend(head: Piece, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """`head`, then what `rest` yields (closing `rest` when left early)."""
+    try:
+        yield head
+        if head.finish_reason is None:
+            async for piece in rest:
+                yield piece
+    finally:
+        await rest.aclose()
