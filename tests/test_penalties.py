@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_fixture
 
-from llama_jax.generation import Engine, PagedEngine, Request, SamplingParams
-from llama_jax.generation.penalties import penalize, penalty_rows, token_counts
+from llama_jax.generation import Engine, PagedEngine, Request, SamplingParams, penalize, penalty_rows, token_counts
 from llama_jax.model import forward
 
 VOCAB = 50

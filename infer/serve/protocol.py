@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llama_jax.generation.penalties import MAX_LOGIT_BIAS
+from llama_jax.generation import MAX_LOGIT_BIAS
 
 MAX_TOP_LOGPROBS = 5
 MAX_STOPS = 4

@@ -22,11 +22,9 @@ stream and step count go with it, whatever rows, chunks or preemptions it goes t
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import itertools
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.generation.blocks import ROOT, BlockPool, block_keys
-from llama_jax.generation.paged_steps import (choose_shape, decode_pages, powers_of_two, prefill_chunk,
-                                              prefill_shapes)
+from llama_jax.generation.paged_steps import (check_sizes, choose_shape, compile_all, decode_pages, powers_of_two,
+                                              prefill_chunk, prefill_shapes)
 from llama_jax.generation.penalties import penalty_rows
 from llama_jax.generation.requests import Output, Request, RequestState, Token
 from llama_jax.generation.sampling import GREEDY, sampling_rows
@@ -335,23 +333,3 @@ class PagedEngine:
         self._programs.update(compile_all(lowered, self._options))
         return len(self._programs), time.perf_counter() - start
 
-
-def compile_all(lowered: dict, options: dict | None = None) -> dict:
-    """Compile lowered programs `{key: jax.stages.Lowered}` on a thread each (XLA compiles outside the GIL, so a
-    machine with several cores compiles several at once); returns `{key: compiled}`."""
-    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1) or 1) as pool:
-        compiled = pool.map(lambda program: program.compile(compiler_options=options or {}), lowered.values())
-        return dict(zip(lowered, compiled, strict=True))
-
-
-def check_sizes(*, slots: int, max_len: int, kv_tokens: int, block_size: int, max_batch_tokens: int,
-                chunk: int) -> None:
-    """ValueError (one line, naming the setting) unless the engine's sizes make sense together."""
-    if slots < 1 or chunk < 1 or max_len < 2:
-        raise ValueError(f"need slots >= 1, chunk >= 1 and max_len >= 2, got {slots}, {chunk}, {max_len}")
-    if block_size < 1 or max_len % block_size:
-        raise ValueError(f"block_size {block_size} must divide max_len {max_len}")
-    if kv_tokens < max_len:
-        raise ValueError(f"kv_tokens {kv_tokens} is below max_len {max_len}: one request of max_len must fit")
-    if max_batch_tokens < 1:
-        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
