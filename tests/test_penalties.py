@@ -47,7 +47,7 @@ def test_penalties_equal_their_definitions_per_row():
     for r, (p, g) in enumerate(zip(prompts, generated, strict=True)):
         history[r, :len(p) + len(g)] = p + g
     counts = token_counts(jnp.asarray(history), jnp.asarray([len(p) for p in prompts]), VOCAB)
-    ours = np.asarray(penalize(jnp.asarray(logits), penalty_rows(SETTINGS), counts))
+    ours = np.asarray(penalize(jnp.asarray(logits), penalty_rows(SETTINGS, VOCAB), counts))
     for r, sampling in enumerate(SETTINGS):
         np.testing.assert_allclose(ours[r], reference(logits[r], sampling, prompts[r], generated[r]), rtol=1e-6,
                                    atol=1e-5)
@@ -132,3 +132,41 @@ def run(engine, requests):
             if out.finish_reason:
                 finished.add(sids[out.sid])
     return [got[i] for i in range(len(requests))]
+
+
+class EveryThird:
+    """A constraint: the n-th token emitted must be = n (mod 3); records what it was told."""
+
+    def __init__(self):
+        self.told = []
+
+    def fill(self, mask):
+        ok = np.arange(len(mask) * 32) % 3 == len(self.told) % 3
+        mask[:] = np.packbits(ok.reshape(-1, 32)[:, ::-1], axis=1).view(">i4")[:, 0]
+
+    def consume(self, token):
+        self.told.append(token)
+
+
+def test_a_constrained_row_takes_only_allowed_tokens_beside_free_ones(gqa):
+    """A constrained row (its mask refilled for every token) beside free rows in the same steps: it equals greedy
+    decoding over the allowed tokens of the model's logits, the constraint is told every token, and the free rows
+    are untouched."""
+    config, params, ref = gqa
+    pool = np.concatenate([ref["gen_prompt"], ref["tokens"].ravel()]).tolist()
+    constraint = EveryThird()
+    requests = [Request(pool[:6], 10), Request(pool[6:13], 10, constraint=constraint), Request(pool[13:17], 10)]
+    engine = PagedEngine(params, config, slots=4, max_len=32, block_size=4, chunk=4)
+    got = run(engine, requests)
+    assert got[0] == greedy_reference(config, params, requests[0])
+    assert got[2] == greedy_reference(config, params, requests[2])
+    tokens, expected = list(requests[1].prompt), []
+    for n in range(10):
+        padded = np.zeros((1, 32), np.int32)
+        padded[0, :len(tokens)] = tokens
+        logits = np.asarray(FORWARD(params, padded, config)[0][0, len(tokens) - 1])
+        token = int(np.argmax(np.where(np.arange(config.vocab_size) % 3 == n % 3, logits, -np.inf)))
+        tokens.append(token)
+        expected.append(token)
+    assert got[1] == expected == constraint.told
+    assert all(t % 3 == n % 3 for n, t in enumerate(got[1])) and got[1] != got[0][:10]

@@ -7,14 +7,15 @@ from llama_jax.generation.engine import (Completion, Engine, Generation, bucket,
                                          left_pad, prefill_lengths)
 from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token
 from llama_jax.generation.paged_steps import check_sizes, compile_all
-from llama_jax.generation.penalties import MAX_LOGIT_BIAS, Counts, PenaltyRows, penalize, penalty_rows, token_counts
+from llama_jax.generation.penalties import (MAX_LOGIT_BIAS, Counts, PenaltyRows, mask_words, penalize, penalty_rows,
+                                             token_counts)
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
 from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
 from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows, token_logprobs
 
 __all__ = [
-    "MAX_LOGIT_BIAS", "Counts", "PenaltyRows", "penalize", "penalty_rows", "token_counts",
+    "MAX_LOGIT_BIAS", "Counts", "PenaltyRows", "mask_words", "penalize", "penalty_rows", "token_counts",
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine",

@@ -229,6 +229,8 @@ class PagedEngine:
         for r, sequence in enumerate(decoding):
             token[r], position[r] = sequence.tokens[-1], len(sequence.tokens) - 1
             steps[r], limit[r] = sequence.emitted, sequence.request.max_new_tokens
+            if sequence.request.constraint is not None:  # one token per call: its mask changes with each
+                limit[r] = min(limit[r], sequence.emitted + 1)
             tables[r, :len(sequence.blocks)] = sequence.blocks
         done = np.arange(rows) >= len(decoding)
         seeds, streams, sampling, penalties, history, prompts = self._row_args(decoding, rows)
@@ -253,9 +255,15 @@ class PagedEngine:
             seeds[r], streams[r], prompts[r] = request.seed, request.stream, len(request.prompt)
             history[r, :len(sequence.tokens)] = sequence.tokens[:self.max_len]
         params = [s.request.sampling for s in chosen] + [GREEDY] * (rows - len(chosen))
-        return seeds, streams, sampling_rows(params), penalty_rows(params), history, prompts
+        penalties = penalty_rows(params, self.config.vocab_size)
+        for r, sequence in enumerate(chosen):
+            if sequence.request.constraint is not None:
+                sequence.request.constraint.fill(penalties.allowed[r])
+        return seeds, streams, sampling_rows(params), penalties, history, prompts
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
+        if sequence.request.constraint is not None:
+            sequence.request.constraint.consume(token.id)
         sequence.tokens.append(token.id)
         sequence.emitted += 1
         self.counters["generated_tokens"] += 1

@@ -1,7 +1,8 @@
-"""Logit bias and repetition penalties, each row with its own settings in one compiled step: OpenAI's `logit_bias`,
-`presence_penalty` and `frequency_penalty` (over the tokens generated so far) and transformers'/vLLM's
-`repetition_penalty` (over the prompt and the tokens generated so far). Applied to the logits in that order, before
-the sampler (greedy rows too); log-probabilities reported to clients stay the model's own.
+"""Logit bias, repetition penalties and allowed-token masks, each row with its own settings in one compiled step:
+OpenAI's `logit_bias`, `presence_penalty` and `frequency_penalty` (over the tokens generated so far),
+transformers'/vLLM's `repetition_penalty` (over the prompt and the tokens generated so far), and a bitmask of the
+tokens a row may take next (a grammar's, for structured output). Applied to the logits in that order, before the
+sampler (greedy rows too); log-probabilities reported to clients stay the model's own.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias per request, as OpenAI allows
 
 class PenaltyRows(NamedTuple):
     """Each row's settings: presence, frequency, repetition float32 `[rows]`; bias_ids int32 and bias_values
-    float32 `[rows, MAX_LOGIT_BIAS]` (id -1 where unused)."""
+    float32 `[rows, MAX_LOGIT_BIAS]` (id -1 where unused); allowed int32 `[rows, mask_words(vocab)]`, bit t % 32 of
+    word t // 32 set where token t may come next (llguidance's layout; all bits set: no constraint)."""
 
     presence: jax.Array
     frequency: jax.Array
     repetition: jax.Array
     bias_ids: jax.Array
     bias_values: jax.Array
+    allowed: jax.Array
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of an allowed-token bitmask over `vocab` tokens."""
+    return -(-vocab // 32)
 
 
 class Counts(NamedTuple):
@@ -37,8 +45,8 @@ class Counts(NamedTuple):
     seen: jax.Array
 
 
-def penalty_rows(params: Sequence[SamplingParams]) -> PenaltyRows:
-    """One row per SamplingParams, as host arrays."""
+def penalty_rows(params: Sequence[SamplingParams], vocab: int) -> PenaltyRows:
+    """One row per SamplingParams, as host arrays (every token allowed)."""
     ids = np.full((len(params), MAX_LOGIT_BIAS), -1, np.int32)
     values = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
     for r, p in enumerate(params):
@@ -48,7 +56,7 @@ def penalty_rows(params: Sequence[SamplingParams]) -> PenaltyRows:
             ids[r, i], values[r, i] = token, value
     column = lambda name: np.array([getattr(p, name) for p in params], np.float32)  # noqa: E731
     return PenaltyRows(column("presence_penalty"), column("frequency_penalty"), column("repetition_penalty"), ids,
-                       values)
+                       values, np.full((len(params), mask_words(vocab)), -1, np.int32))
 
 
 def token_counts(history: jax.Array, prompt_lengths: jax.Array, vocab: int) -> Counts:
@@ -72,18 +80,21 @@ def count_tokens(counts: Counts, tokens: jax.Array, live: jax.Array) -> Counts:
 
 
 def penalize(logits: jax.Array, rows: PenaltyRows, counts: Counts) -> jax.Array:
-    """float32 logits `[rows, vocab]` with each row's bias added and its penalties applied (untouched when no row
-    asks for any)."""
+    """float32 logits `[rows, vocab]` with each row's bias added, its penalties applied and the tokens it may not take
+    at -inf (untouched when no row asks for any of it)."""
     def apply(x):
         vocab = x.shape[-1]
+        token = jnp.arange(vocab)
+        allowed = (jnp.asarray(rows.allowed)[:, token // 32] >> (token % 32)[None]) & 1
         ids = jnp.where(rows.bias_ids >= 0, rows.bias_ids, vocab)
         x = x.at[jnp.arange(x.shape[0])[:, None], ids].add(rows.bias_values, mode="drop")
         repetition = rows.repetition[:, None]
         x = jnp.where(counts.seen, jnp.where(x > 0, x / repetition, x * repetition), x)
         generated = counts.generated.astype(jnp.float32)
-        return x - rows.frequency[:, None] * generated - rows.presence[:, None] * (generated > 0)
+        x = x - rows.frequency[:, None] * generated - rows.presence[:, None] * (generated > 0)
+        return jnp.where(allowed == 1, x, -jnp.inf)
 
     active = (jnp.any(rows.bias_ids >= 0) | jnp.any(rows.presence != 0) | jnp.any(rows.frequency != 0)
-              | jnp.any(rows.repetition != 1))
+              | jnp.any(rows.repetition != 1) | jnp.any(rows.allowed != -1))
     x = logits.astype(jnp.float32)
     return jax.lax.cond(active, apply, lambda x: x, x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from llama_jax.generation.sampling import GREEDY, SamplingParams
 
@@ -12,7 +13,9 @@ from llama_jax.generation.sampling import GREEDY, SamplingParams
 class Request:
     """A prompt (token ids), up to `max_new_tokens` more, and how to sample them (seed and stream: the request's
     PRNG stream, as row `stream` of `Engine.generate(..., seed=seed)`; the choices of one prompt take streams 0, 1,
-    ...); stop_ids: its own stop tokens, besides the checkpoint's."""
+    ...); stop_ids: its own stop tokens, besides the checkpoint's; constraint: the tokens it may take next (a grammar,
+    for structured output), an object with `fill(mask)`, which writes an int32 bitmask `[ceil(vocab / 32)]` of them
+    (llama_jax.generation.penalties' layout), and `consume(token)`, told each token the request emits."""
 
     prompt: Sequence[int]
     max_new_tokens: int
@@ -20,6 +23,7 @@ class Request:
     seed: int = 0
     stream: int = 0
     stop_ids: tuple[int, ...] = ()
+    constraint: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
