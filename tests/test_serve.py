@@ -169,6 +169,9 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
     ({"model": "smol", "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias: 'a' is not a token id"),
     ({"model": "smol", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"model": "smol", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"model": "smol", "prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format: type 'xml'"),
+    ({"model": "smol", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "frobnicate"}}}}, 400, "response_format: this schema is not supported"),
     ({"model": "smol", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "smol", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "smol", "prompt": [99999999]}, 400, "token ids"),
@@ -268,6 +271,58 @@ def test_n_logit_bias_penalties_and_stop_token_ids(server, client):
             streamed[choice.index] += choice.delta.content or ""
     assert [streamed[0], streamed[1]] == four[:2]
     assert idle(server)["blocks_used"] == 0
+
+
+SCHEMAS = [  # nested objects, arrays, enums, required fields
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                      "country": {"type": "object", "properties": {
+                                          "name": {"type": "string", "maxLength": 20},
+                                          "population": {"type": "integer"}}, "required": ["name", "population"]}},
+     "required": ["city", "country"], "additionalProperties": False},
+    {"type": "object", "properties": {"colours": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                  "minItems": 1, "maxItems": 3}},
+     "required": ["colours"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "number"}},
+     "required": ["answer", "confidence"], "additionalProperties": False},
+]
+
+
+def test_structured_outputs_always_parse_beside_free_requests(server, client):
+    """JSON mode and three JSON schemas (llguidance masks every token), streamed and not, while unconstrained
+    requests run in the same steps; a pydantic model through the openai client's parse helper."""
+    import jsonschema
+    import pydantic
+
+    ask = dict(model="smol", max_tokens=60, temperature=0.7, seed=3,
+               messages=[{"role": "user", "content": "Tell me about Paris in JSON."}])
+    formats = [{"type": "json_object"}] + [{"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema,
+                                                                                   "strict": True}}
+                                           for i, schema in enumerate(SCHEMAS)]
+
+    def constrained(response_format, stream):
+        if not stream:
+            return client.chat.completions.create(**ask, response_format=response_format).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            **ask, response_format=response_format, stream=True) if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        free = [pool.submit(client.completions.create, model="smol", prompt="Once upon a time", max_tokens=40)
+                for _ in range(2)]
+        texts = list(pool.map(lambda job: constrained(*job), [(f, s) for f in formats for s in (False, True)]))
+        assert all(f.result().choices[0].text for f in free)
+    for i, text in enumerate(texts):
+        value = json.loads(text)
+        assert isinstance(value, dict)
+        if i >= 2:
+            jsonschema.validate(value, SCHEMAS[i // 2 - 1])
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=20)
+        river: str = pydantic.Field(max_length=20)
+        founded: int
+
+    parsed = client.chat.completions.parse(**ask, response_format=City).choices[0].message.parsed
+    assert isinstance(parsed, City)
 
 
 @pytest.mark.parametrize("args, message", [

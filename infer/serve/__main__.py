@@ -101,7 +101,8 @@ def build(args):
                          cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
     name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
     service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
-                      params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name, mesh=mesh)
+                      params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name,
+                      stop_ids=checkpoint.stop_ids, mesh=mesh)
     start = time.perf_counter()
     programs, _ = engine.warm_up()
     programs += service.warm_up()

@@ -74,6 +74,7 @@ class Sampling(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     best_of: int | None = None
+    response_format: dict | None = None
 
     def check(self) -> None:
         """ApiError 400 for what this server does not do (rather than silently ignoring it)."""
@@ -110,14 +111,11 @@ class ChatRequest(Sampling):
     tools: list | None = None
     tool_choice: object = None
     functions: list | None = None
-    response_format: dict | None = None
 
     def check(self) -> None:
         super().check()
         if self.tools or self.functions or self.tool_choice not in (None, "none"):
             raise unsupported("tools", "tool calling")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise unsupported("response_format", "a structured response format")
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.max_tokens == 0:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import jax
 import numpy as np
 
+from infer.serve.grammar import Grammars
 from infer.serve.metrics import Metrics
 from infer.serve.protocol import ApiError, Message, Sampling
 from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, compile_all,
@@ -63,8 +64,9 @@ class Service:
     """The model behind the endpoints: `max_len` tokens of context per request."""
 
     def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str,
-                 mesh=None):
+                 stop_ids: Sequence[int], mesh=None):
         self.encoder, self.scheduler, self.name, self.max_len = encoder, scheduler, name, max_len
+        self.grammars = Grammars(encoder, config.vocab_size, stop_ids)
         self.metrics = Metrics(scheduler)
         self.config, self.params, self.mesh = config, params, mesh
         self._score = jax.jit(functools.partial(token_logprobs, config=config, dtype=dtype, top=MAX_TOP))
@@ -115,25 +117,27 @@ class Service:
     async def choices(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> list[AsyncIterator[Piece]]:
         """`body.n` choices of one prompt (streams 0..n-1 of the seed). The others are queued once the first has
         its first token: its prompt is then in the prefix cache, and they prefill only its last, partial block."""
-        first = self.generate(ids, body, max_tokens, seed)
+        grammar = self.grammars.grammar(body.response_format)  # (a 400 before anything is queued)
+        first = self.generate(ids, body, max_tokens, seed, grammar=grammar)
         if body.n == 1:
             return [first]
         try:
             head = await anext(first)
-            rest = [self.generate(ids, body, max_tokens, seed, stream) for stream in range(1, body.n)]
+            rest = [self.generate(ids, body, max_tokens, seed, stream, grammar) for stream in range(1, body.n)]
         except BaseException:
             await first.aclose()
             raise
         return [prepend(head, first), *rest]
 
-    def generate(self, ids: list[int], body: Sampling, max_tokens: int, seed: int, stream: int = 0
-                 ) -> AsyncIterator[Piece]:
+    def generate(self, ids: list[int], body: Sampling, max_tokens: int, seed: int, stream: int = 0,
+                 grammar: str | None = None) -> AsyncIterator[Piece]:
         """Queue the request now (ApiError 429 when the queue is full, 503 while shutting down); returns its pieces
         as the engine makes them. Leaving the iterator early (a client gone) frees the slot."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         arrived = time.perf_counter()
-        request = Request(ids, max_tokens, self.sampling(body), seed, stream, tuple(body.stop_token_ids or ()))
+        request = Request(ids, max_tokens, self.sampling(body), seed, stream, tuple(body.stop_token_ids or ()),
+                          None if grammar is None else self.grammars.constraint(grammar))
         try:
             ticket = self.scheduler.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
         except QueueFull as e:
