@@ -79,7 +79,9 @@ def greedy_reference(config, params, request: Request) -> list[int]:
         padded = np.zeros((1, 32), np.int32)
         padded[0, :len(tokens)] = tokens
         logits = np.asarray(FORWARD(params, padded, config)[0][0, len(tokens) - 1])
-        token = int(np.argmax(reference(logits, request.sampling, list(request.prompt), generated)))
+        if request.sampling.penalized:
+            logits = reference(logits, request.sampling, list(request.prompt), generated)
+        token = int(np.argmax(logits))
         tokens.append(token)
         generated.append(token)
         if token in request.stop_ids:
