@@ -13,7 +13,7 @@ import json
 import time
 
 from bench.common import md_table
-from infer.serve.grammar import Grammars
+from infer.grammar import Grammars
 from llama_jax.checkpoints import cache_home, load_params, open_checkpoint, smollm2_checkpoint
 from llama_jax.generation import PagedEngine, Request
 from llama_jax.text import encoder_for

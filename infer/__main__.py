@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from infer.chat import converse
+from infer.constrained import run_constrained, schema_grammar
 from infer.perplexity import run_perplexity
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
@@ -59,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla",
                    help="prefill attention: cudnn is cuDNN flash attention (a GPU and --dtype bfloat16)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain every completion to JSON that this JSON schema accepts (llguidance)")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
@@ -67,6 +70,8 @@ def parse_args(argv):
         p.error("one of --prompt, --prompts-file or --perplexity is required (or --chat alone, on a terminal)")
     if args.interactive and args.mesh:
         p.error("the interactive chat runs on one device: drop --mesh")
+    if args.json_schema and (args.interactive or args.perplexity):
+        p.error("--json-schema needs --prompt or --prompts-file")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be at least 1")
     return args
@@ -129,6 +134,7 @@ def run(args) -> int:
         return converse(args, checkpoint, encoder, load_weights(args, checkpoint, dtype, None), sampling, dtype)
     prompts = read_prompts(args)
     encoded = [encode(p, args, encoder) for p in prompts]
+    grammar = schema_grammar(args.json_schema, checkpoint, encoder) if args.json_schema else None
     longest = max(len(ids) for ids in encoded)
     if longest + args.max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"a prompt of {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
@@ -139,6 +145,9 @@ def run(args) -> int:
     max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
     params = load_weights(args, checkpoint, dtype, mesh)
+    if args.json_schema:
+        return run_constrained(args, checkpoint, encoder, grammar, params, sampling, dtype, mesh, prompts, encoded,
+                               max_len)
     engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=args.kv_cache or dtype,
                     dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1

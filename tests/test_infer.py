@@ -214,3 +214,30 @@ def test_nearby_requests_reuse_the_compiled_programs(tiny_checkpoint, tmp_path):
 
     first = entries_after(40)
     assert first >= 2 and entries_after(48) == first and entries_after(49) > first
+
+
+PET = {"type": "object", "properties": {"pet": {"enum": ["cat", "dog"]},
+                                        "legs": {"type": "integer", "minimum": 0, "maximum": 9}},
+       "required": ["pet", "legs"], "additionalProperties": False}
+
+
+def test_json_schema_constrains_every_completion(tiny_checkpoint, tmp_path, capsys):
+    """--json-schema: even random tiny weights give JSON that the schema accepts, for each prompt, sampled; a file
+    that is not a schema the grammar engine can compile is one line naming it, before any weight is read."""
+    jsonschema = pytest.importorskip("jsonschema")
+    (tmp_path / "pet.json").write_text(json.dumps(PET))
+    (tmp_path / "prompts.txt").write_text("My pet\nYour pet is\n")
+    code, out, err = run_infer(capsys, tiny_checkpoint, "--prompts-file", tmp_path / "prompts.txt", "--json",
+                               "--json-schema", tmp_path / "pet.json", "--max-new-tokens", "40", "--temperature", "1",
+                               "--seed", "3")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["My pet", "Your pet is"]
+    for row in rows:  # the stop id (2) is a plain byte in this tokenizer, so its character ends the text
+        assert row["finish_reason"] == "stop" and row["generated_token_ids"][-1] == 2
+        value, end = json.JSONDecoder().raw_decode(row["text"])
+        jsonschema.validate(value, PET)
+        assert end == len(row["text"]) - 1
+    (tmp_path / "bad.json").write_text('{"type": "frobnicate"}')
+    code, out, err = run_infer(capsys, tiny_checkpoint, "--prompt", "x", "--json-schema", tmp_path / "bad.json")
+    assert code != 0 and "bad.json" in err and "frobnicate" in err and len(err.strip().splitlines()) == 1, err

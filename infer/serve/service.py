@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import jax
 import numpy as np
 
-from infer.serve.grammar import Grammars
+from infer.grammar import Grammars
 from infer.serve.metrics import Metrics
 from infer.serve.protocol import ApiError, Message, Sampling
 from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, compile_all,
@@ -117,7 +117,10 @@ class Service:
     async def choices(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> list[AsyncIterator[Piece]]:
         """`body.n` choices of one prompt (streams 0..n-1 of the seed). The others are queued once the first has
         its first token: its prompt is then in the prefix cache, and they prefill only its last, partial block."""
-        grammar = self.grammars.grammar(body.response_format)  # (a 400 before anything is queued)
+        try:  # (a 400 before anything is queued)
+            grammar = self.grammars.grammar(body.response_format)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="response_format") from None
         first = self.generate(ids, body, max_tokens, seed, grammar=grammar)
         if body.n == 1:
             return [first]

@@ -1,6 +1,6 @@
-"""Structured output: a request's `response_format` compiled by llguidance into a matcher that gives, token by token,
-the tokens that keep the text valid (JSON, or JSON that a schema accepts); the engine applies its mask to the logits
-(llama_jax.generation.penalties)."""
+"""Structured output for `infer --json-schema` and the server's `response_format`: a grammar compiled by llguidance
+into a matcher per request that gives, token by token, the tokens that keep the text valid (JSON, or JSON that a
+schema accepts); the serving engine applies its mask to the logits (llama_jax.generation.penalties)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import llguidance
 import numpy as np
 
-from infer.serve.protocol import ApiError
 from llama_jax.text import Encoder
 
 
@@ -42,8 +41,8 @@ class Grammars:
 
     def grammar(self, response_format: dict | None) -> str | None:
         """The grammar for OpenAI's response_format ({"type": "text"}, {"type": "json_object"} or {"type":
-        "json_schema", "json_schema": {"name", "schema", "strict"}}), None for plain text; ApiError 400 naming the
-        field for anything else, or a schema that llguidance cannot compile."""
+        "json_schema", "json_schema": {"name", "schema", "strict"}}), None for plain text; ValueError (one line,
+        naming the field) for anything else, or a schema that llguidance cannot compile."""
         kind = (response_format or {}).get("type", "text")
         if kind == "text":
             return None
@@ -52,15 +51,13 @@ class Grammars:
         elif kind == "json_schema":
             schema = (response_format.get("json_schema") or {}).get("schema")
             if not isinstance(schema, dict):
-                raise ApiError(400, "response_format.json_schema.schema: a JSON schema (an object) is required",
-                               param="response_format")
+                raise ValueError("response_format.json_schema.schema: a JSON schema (an object) is required")
         else:
-            raise ApiError(400, f"response_format: type {kind!r} is not one of text, json_object, json_schema",
-                           param="response_format")
+            raise ValueError(f"response_format: type {kind!r} is not one of text, json_object, json_schema")
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise ApiError(400, f"response_format: this schema is not supported: {error}", param="response_format")
+            raise ValueError(f"response_format: this schema is not supported: {error}")
         return grammar
 
     def constraint(self, grammar: str) -> Constraint:
