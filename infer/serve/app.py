@@ -139,10 +139,12 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         if body.stream:
             return sse(completion_stream(runs[0], meta, body, prompts[0]))
         results = await asyncio.gather(*(collect(run, request) if run else done() for each in runs for run in each))
-        choices, total = [], 0
+        choices, total, scores = [], 0, {}
         for index, (text, tokens, reason) in enumerate(results):  # index: prompt x n + choice, as OpenAI's
             ids = prompts[index // body.n]
-            scored = await asyncio.to_thread(service.score, ids) if body.echo else []
+            if body.echo and index // body.n not in scores:  # the prompt scored once for its n choices
+                scores[index // body.n] = await asyncio.to_thread(service.score, ids)
+            scored = scores.get(index // body.n, [])
             prompt_text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
             logprobs = None
             if body.top() is not None:

@@ -16,7 +16,10 @@ When a decoding request needs a block and none is free, the youngest request is 
 continues exactly where it was.
 
 A request's tokens equal `Engine.generate` on its prompt alone with the same settings and seed: its rows's PRNG
-stream and step count go with it, whatever rows, chunks or preemptions it goes through.
+stream and step count go with it, whatever rows, chunks or preemptions it goes through. Beyond what `Engine` does,
+each request may carry a logit bias and penalties (llama_jax.generation.penalties: the counts they need are rebuilt
+from its tokens at every call), its own stop ids, and a constraint (a grammar's allowed tokens, filled into its row's
+mask before every token; such a request decodes one token per call).
 """
 
 from __future__ import annotations
@@ -36,10 +39,9 @@ import numpy as np
 from llama_jax.generation.blocks import ROOT, BlockPool, block_keys
 from llama_jax.generation.paged_steps import (check_sizes, choose_shape, compile_all, decode_pages, powers_of_two,
                                               prefill_chunk, prefill_shapes)
-from llama_jax.generation.penalties import penalty_rows
 from llama_jax.generation.requests import Output, Request, RequestState, Token
-from llama_jax.generation.sampling import GREEDY, sampling_rows
-from llama_jax.generation.steps import EMPTY, DecodeState, Emitted
+from llama_jax.generation.rows import host_tokens, row_args
+from llama_jax.generation.steps import DecodeState
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
                              Pages, init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
                              tree_shardings, unstack_layers)
@@ -210,11 +212,11 @@ class PagedEngine:
             lengths[r] = sequence.computed + len(part)
             tables[r, :len(sequence.blocks)] = sequence.blocks
             steps[r] = sequence.emitted
-        seeds, streams, sampling, penalties, history, prompts = self._row_args(chosen, rows)
+        seeds, streams, sampling, penalties, history, prompts = row_args(chosen, rows, self.max_len, self.config.vocab_size)
         args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, streams, steps, sampling,
                 penalties, history, prompts)
         self.pool, first = self._program("prefill", (rows, width), args)(*args)
-        first = self._tokens(first)
+        first = host_tokens(first)
         for r, sequence in enumerate(chosen):
             sequence.computed = int(lengths[r])
             self.counters["prompt_tokens"] += int(np.sum(positions[r] < lengths[r]))
@@ -233,33 +235,17 @@ class PagedEngine:
                 limit[r] = min(limit[r], sequence.emitted + 1)
             tables[r, :len(sequence.blocks)] = sequence.blocks
         done = np.arange(rows) >= len(decoding)
-        seeds, streams, sampling, penalties, history, prompts = self._row_args(decoding, rows)
+        seeds, streams, sampling, penalties, history, prompts = row_args(decoding, rows, self.max_len, self.config.vocab_size)
         args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, streams, sampling,
                 penalties, history, prompts, self.is_stop, limit)
         self.pool, out = self._program("decode", rows, args)(*args)
-        for sequence, new in zip(decoding, self._tokens(out), strict=False):
+        for sequence, new in zip(decoding, host_tokens(out), strict=False):
             stops = [i for i, t in enumerate(new) if t.id in sequence.request.stop_ids]
             new = new[:stops[0] + 1] if stops else new  # the request's own stop ids end it on the host
             sequence.computed += len(new)
             for t in new:
                 self._emit(sequence, t, outputs)
             self._register(sequence)
-
-    def _row_args(self, chosen: list[RequestState], rows: int) -> tuple:
-        """Each row's seed, stream, sampling, penalties, tokens so far (`[rows, max_len]`, -1 after them) and prompt
-        length; rows past `chosen` are greedy and empty."""
-        seeds, streams, prompts = (np.zeros(rows, np.int32) for _ in range(3))
-        history = np.full((rows, self.max_len), -1, np.int32)
-        for r, sequence in enumerate(chosen):
-            request = sequence.request
-            seeds[r], streams[r], prompts[r] = request.seed, request.stream, len(request.prompt)
-            history[r, :len(sequence.tokens)] = sequence.tokens[:self.max_len]
-        params = [s.request.sampling for s in chosen] + [GREEDY] * (rows - len(chosen))
-        penalties = penalty_rows(params, self.config.vocab_size)
-        for r, sequence in enumerate(chosen):
-            if sequence.request.constraint is not None:
-                sequence.request.constraint.fill(penalties.allowed[r])
-        return seeds, streams, sampling_rows(params), penalties, history, prompts
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
         if sequence.request.constraint is not None:
@@ -295,16 +281,6 @@ class PagedEngine:
 
     # -- programs -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _tokens(out: Emitted) -> list[list[Token]]:
-        ids = np.asarray(out.tokens)
-        if out.logprob is None:
-            return [[Token(int(t)) for t in row if t != EMPTY] for row in ids]
-        logprob, top_ids, top_lp = (np.asarray(a) for a in (out.logprob, out.top_ids, out.top_logprobs))
-        return [[Token(int(ids[r, i]), float(logprob[r, i]),
-                       tuple(zip(top_ids[r, i].tolist(), top_lp[r, i].tolist(), strict=True)))
-                 for i in range(ids.shape[1]) if ids[r, i] != EMPTY] for r in range(ids.shape[0])]
-
     def _program(self, kind: str, shape, args: tuple):
         """The compiled prefill ((rows, width)) or decode (rows) program, compiled on first use."""
         if (kind, shape) not in self._programs:
@@ -327,13 +303,13 @@ class PagedEngine:
         for rows, width in self.prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             tables = np.zeros((rows, self.table_len), np.int32)
-            seeds, streams, sampling, penalties, history, prompts = self._row_args([], rows)
+            seeds, streams, sampling, penalties, history, prompts = row_args([], rows, self.max_len, self.config.vocab_size)
             lowered["prefill", (rows, width)] = self._lower("prefill", (
                 self.params, self.pool, zeros, Pages(tables, zeros, seeds), seeds, streams, seeds, sampling,
                 penalties, history, prompts))
         for rows in self.decode_rows:
             zeros = np.zeros(rows, np.int32)
-            seeds, streams, sampling, penalties, history, prompts = self._row_args([], rows)
+            seeds, streams, sampling, penalties, history, prompts = row_args([], rows, self.max_len, self.config.vocab_size)
             lowered["decode", rows] = self._lower("decode", (
                 self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
                 DecodeState(zeros, zeros, np.ones(rows, bool), zeros), seeds, streams, sampling, penalties, history,
