@@ -14,7 +14,7 @@ import threading
 import time
 
 from llama_jax.checkpoints import Checkpoint
-from llama_jax.generation import PagedEngine, Request, SamplingParams
+from llama_jax.generation import PagedEngine, Request, SamplingParams, block_size_for
 from llama_jax.text import Encoder, StreamDecoder
 
 CHAT_MAX_LEN = 8192  # the conversation's tokens at most (the model's context, when shorter)
@@ -28,9 +28,9 @@ def say(message: str) -> None:
 def converse(args, checkpoint: Checkpoint, encoder: Encoder, params, sampling: SamplingParams, dtype) -> int:
     config = checkpoint.config
     max_len = min(config.max_position_embeddings, CHAT_MAX_LEN)
-    block = next(b for b in (16, 8, 4, 2, 1) if max_len % b == 0)
-    engine = PagedEngine(params, config, slots=1, max_len=max_len, block_size=block, stop_ids=checkpoint.stop_ids,
-                         cache_dtype=args.kv_cache or dtype, dtype=dtype, attention=args.attention)
+    engine = PagedEngine(params, config, slots=1, max_len=max_len, block_size=block_size_for(max_len),
+                         stop_ids=checkpoint.stop_ids, cache_dtype=args.kv_cache or dtype, dtype=dtype,
+                         attention=args.attention)
     start = [] if args.system is None else [{"role": "system", "content": args.system}]
     messages = list(start)
     say(f"chat with {args.checkpoint}: {HELP}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from infer.grammar import Grammars
 from llama_jax.checkpoints import Checkpoint
 from llama_jax.errors import InputError
-from llama_jax.generation import PagedEngine, Request, SamplingParams
+from llama_jax.generation import PagedEngine, Request, SamplingParams, block_size_for
 from llama_jax.text import Encoder
 
 
@@ -27,11 +27,9 @@ def schema_grammar(path: str, checkpoint: Checkpoint, encoder: Encoder) -> tuple
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(path, f"not a readable JSON schema ({e.__class__.__name__}: {e})") from None
     try:
-        return grammars, grammars.grammar({"type": "json_schema", "json_schema": {"schema": schema}})
+        return grammars, grammars.json_schema(schema)
     except ValueError as e:
-        raise InputError(path, str(e).removeprefix("response_format: ").removeprefix(
-            "response_format.json_schema.schema: ")) from None
-
+        raise InputError(path, str(e)) from None
 
 def run_constrained(args, checkpoint: Checkpoint, encoder: Encoder, grammar: tuple[Grammars, str], params,
                     sampling: SamplingParams, dtype, mesh, prompts: list[str], encoded: list[list[int]],
@@ -52,10 +50,9 @@ def generate(args, checkpoint: Checkpoint, grammar: tuple[Grammars, str], params
     """Each prompt's constrained completion: {generated_token_ids, finish_reason, time_to_first_token_s,
     decode_tokens_per_s}, in order. Prompt i samples with stream i of --seed (row i of `infer` on a batch)."""
     grammars, grammar = grammar
-    block = next(b for b in (16, 8, 4, 2, 1) if max_len % b == 0)
     engine = PagedEngine(params, checkpoint.config, slots=min(args.batch_size, len(encoded)), max_len=max_len,
-                         block_size=block, stop_ids=checkpoint.stop_ids, cache_dtype=args.kv_cache or dtype,
-                         dtype=dtype, attention=args.attention, mesh=mesh)
+                         block_size=block_size_for(max_len), stop_ids=checkpoint.stop_ids,
+                         cache_dtype=args.kv_cache or dtype, dtype=dtype, attention=args.attention, mesh=mesh)
     start = time.perf_counter()
     sids = {engine.add(Request(ids, args.max_new_tokens, sampling, args.seed, i, constraint=grammars.constraint(
         grammar))): i for i, ids in enumerate(encoded)}

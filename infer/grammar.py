@@ -54,10 +54,17 @@ class Grammars:
                 raise ValueError("response_format.json_schema.schema: a JSON schema (an object) is required")
         else:
             raise ValueError(f"response_format: type {kind!r} is not one of text, json_object, json_schema")
+        try:
+            return self.json_schema(schema)
+        except ValueError as e:
+            raise ValueError(f"response_format: {e}") from None
+
+    def json_schema(self, schema) -> str:
+        """The grammar of JSON that `schema` accepts; ValueError (one line) when llguidance cannot compile it."""
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise ValueError(f"response_format: this schema is not supported: {error}")
+            raise ValueError(f"this schema is not supported: {error}")
         return grammar
 
     def constraint(self, grammar: str) -> Constraint:

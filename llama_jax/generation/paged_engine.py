@@ -212,7 +212,7 @@ class PagedEngine:
             lengths[r] = sequence.computed + len(part)
             tables[r, :len(sequence.blocks)] = sequence.blocks
             steps[r] = sequence.emitted
-        seeds, streams, sampling, penalties, history, prompts = row_args(chosen, rows, self.max_len, self.config.vocab_size)
+        seeds, streams, sampling, penalties, history, prompts = self._rows(chosen, rows)
         args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, streams, steps, sampling,
                 penalties, history, prompts)
         self.pool, first = self._program("prefill", (rows, width), args)(*args)
@@ -235,7 +235,7 @@ class PagedEngine:
                 limit[r] = min(limit[r], sequence.emitted + 1)
             tables[r, :len(sequence.blocks)] = sequence.blocks
         done = np.arange(rows) >= len(decoding)
-        seeds, streams, sampling, penalties, history, prompts = row_args(decoding, rows, self.max_len, self.config.vocab_size)
+        seeds, streams, sampling, penalties, history, prompts = self._rows(decoding, rows)
         args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, streams, sampling,
                 penalties, history, prompts, self.is_stop, limit)
         self.pool, out = self._program("decode", rows, args)(*args)
@@ -246,6 +246,9 @@ class PagedEngine:
             for t in new:
                 self._emit(sequence, t, outputs)
             self._register(sequence)
+
+    def _rows(self, chosen: list[RequestState], rows: int) -> tuple:
+        return row_args(chosen, rows, self.max_len, self.config.vocab_size)
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
         if sequence.request.constraint is not None:
@@ -303,13 +306,13 @@ class PagedEngine:
         for rows, width in self.prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             tables = np.zeros((rows, self.table_len), np.int32)
-            seeds, streams, sampling, penalties, history, prompts = row_args([], rows, self.max_len, self.config.vocab_size)
+            seeds, streams, sampling, penalties, history, prompts = self._rows([], rows)
             lowered["prefill", (rows, width)] = self._lower("prefill", (
                 self.params, self.pool, zeros, Pages(tables, zeros, seeds), seeds, streams, seeds, sampling,
                 penalties, history, prompts))
         for rows in self.decode_rows:
             zeros = np.zeros(rows, np.int32)
-            seeds, streams, sampling, penalties, history, prompts = row_args([], rows, self.max_len, self.config.vocab_size)
+            seeds, streams, sampling, penalties, history, prompts = self._rows([], rows)
             lowered["decode", rows] = self._lower("decode", (
                 self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
                 DecodeState(zeros, zeros, np.ones(rows, bool), zeros), seeds, streams, sampling, penalties, history,

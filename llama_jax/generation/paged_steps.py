@@ -62,6 +62,11 @@ def powers_of_two(limit: int) -> list[int]:
     return sizes + [limit]
 
 
+def block_size_for(max_len: int) -> int:
+    """The largest block size of 16 or fewer tokens (a power of two) that divides max_len."""
+    return next(b for b in (16, 8, 4, 2, 1) if max_len % b == 0)
+
+
 def prefill_shapes(max_batch_tokens: int, slots: int, max_len: int) -> list[tuple[int, int]]:
     """The (rows, width) shapes a prefill runs with: 1, 4 or 16 prompt chunks (rows <= slots) of the whole budget,
     a quarter or a sixteenth of it (at least 32 tokens, at most max_len), rows x width <= max_batch_tokens; so a
