@@ -9,7 +9,8 @@ from llama_jax.model.config import LlamaConfig, RopeScaling
 from llama_jax.model.decoder import (COMPUTE_DTYPES, REMAT_POLICIES, Remat, check_attention, forward, init_params,
                                      param_logical_names, param_shapes, param_shardings, unstack_layers)
 from llama_jax.model.flops import forward_flops_per_token, matmul_params, measured_peak_flops, training_flops_per_token
-from llama_jax.model.lora import LORA_TARGETS, LoraWeight, attach, init_adapters
+from llama_jax.model.lora import (LORA_TARGETS, LoraWeight, MultiLoraWeight, adapter_count, attach, attach_many,
+                                  init_adapters, select_adapters)
 from llama_jax.model.paged import (NULL_BLOCK, POOL_NAMES, PagedCache, Pages, chunk_blocks, init_paged_cache)
 from llama_jax.model.presets import PRESETS, preset
 from llama_jax.model.quant import (QUANTIZATIONS, QuantArray, check_quantization, input_axes, is_quantized_leaf,
@@ -20,11 +21,12 @@ from llama_jax.model.weights import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_opt
 
 __all__ = [
     "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "CPU_NARROW_WEIGHT_OPTIONS", "KVCache", "LORA_TARGETS",
-    "LlamaConfig", "LoraWeight", "MESH_AXES", "NULL_BLOCK", "POOL_NAMES",
+    "LlamaConfig", "LoraWeight", "MESH_AXES", "MultiLoraWeight", "NULL_BLOCK", "POOL_NAMES",
     "PRESETS", "PagedCache", "Pages", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat",
-    "RopeScaling", "attach", "check_attention", "chunk_blocks", "check_quantization", "forward", "forward_flops_per_token",
+    "RopeScaling", "adapter_count", "attach", "attach_many", "check_attention", "chunk_blocks", "check_quantization",
+    "forward", "forward_flops_per_token",
     "init_adapters", "init_cache", "init_paged_cache", "init_params", "input_axes", "inverse_frequencies",
     "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding", "narrow_weight_options",
     "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "quantize",
-    "quantize_tree", "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "quantize_tree", "select_adapters", "training_flops_per_token", "tree_shardings", "unstack_layers",
 ]

@@ -5,15 +5,22 @@ A `LoraWeight` stands in the params tree where the plain weight (or its int8 `Qu
 stacked layers all three carry the leading layer axis, so `nn.scan` slices them alike. The model math never sees
 the difference: `project` adds `scale * (x a) b` to `x W`. Adapters live in their own tree (`init_adapters`), the
 only thing a LoRA fine-tune differentiates; `attach` puts them on the frozen base for a forward.
+
+Several adapters served from one base in one batch (S-LoRA, Punica): `attach_many` puts a `MultiLoraWeight` there
+instead, the adapters' factors stacked (slot 0 zeros: the base alone) and gathered per row by the adapter ids that
+`select_adapters` sets into the tree inside the jitted program.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from llama_jax.model.quant import QuantArray, input_axes
@@ -44,28 +51,69 @@ class LoraWeight:
 
     def reshape(self, *shape: int) -> LoraWeight:
         """Merging input axes only (o's `[heads, head_dim, embed]` -> `[heads * head_dim, embed]`)."""
-        outputs = self.b.ndim - 1
-        if tuple(shape[len(shape) - outputs:]) != tuple(self.base.shape[self.base.ndim - outputs:]):
-            raise ValueError(f"cannot reshape a {self.shape} LoraWeight to {shape}")
-        a = self.a.reshape(*shape[:len(shape) - outputs], self.a.shape[-1])
-        return self.replace(base=self.base.reshape(*shape), a=a)
+        return reshape_inputs(self, shape, 0)
 
 
-def low_rank(spec: str, x: jax.Array, w: LoraWeight) -> jax.Array:
+@struct.dataclass
+class MultiLoraWeight:
+    """Several adapters over one base (first leaf, as LoraWeight's): a `[adapters, *in, rank]`, b `[adapters, rank,
+    *out]`, scale float32 `[adapters]` (with stacked layers all with the leading layer axis); slot 0 is zeros (the
+    base alone), smaller ranks are zero-padded. ids `[batch]`: each row's slot (None: every row the base alone)."""
+
+    base: jax.Array | QuantArray
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    ids: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.base.dtype
+
+    def reshape(self, *shape: int) -> MultiLoraWeight:
+        """As LoraWeight's."""
+        return reshape_inputs(self, shape, 1)
+
+
+def reshape_inputs(w: LoraWeight | MultiLoraWeight, shape: tuple[int, ...], lead: int):
+    """`w` with its base reshaped to `shape`, merging input axes only, and `a` (of `lead` leading axes) alike."""
+    outputs = w.b.ndim - 1 - lead
+    if tuple(shape[len(shape) - outputs:]) != tuple(w.base.shape[w.base.ndim - outputs:]):
+        raise ValueError(f"cannot reshape a {w.shape} {type(w).__name__} to {shape}")
+    a = w.a.reshape(*w.a.shape[:lead], *shape[:len(shape) - outputs], w.a.shape[-1])
+    return w.replace(base=w.base.reshape(*shape), a=a)
+
+
+def low_rank(spec: str, x: jax.Array, w: LoraWeight | MultiLoraWeight) -> jax.Array:
     """`scale * (x a) b` for `jnp.einsum(spec, x, W)` (`spec` puts W's output axes last, as `project` requires),
-    accumulated in float32: x `[..., *in]` -> float32 `[..., *out]`."""
+    accumulated in float32: x `[batch, ..., *in]` -> float32 `[batch, ..., *out]`; with a MultiLoraWeight, each row
+    of x with its own adapter's a, b and scale (0 without ids)."""
+    if isinstance(w, MultiLoraWeight):
+        if w.ids is None:
+            return jnp.zeros((), jnp.float32)
+        h = factors(spec, x, w.a[w.ids], w.b[w.ids], rows=True)
+        return w.scale[w.ids].reshape(-1, *(1,) * (h.ndim - 1)) * h
+    if w.dropout > 0 and w.key is not None:
+        keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1 - w.dropout, x.shape)
+        x = jnp.where(keep, x / (1 - w.dropout), 0).astype(x.dtype)
+    return w.scale * factors(spec, x, w.a, w.b, rows=False)
+
+
+def factors(spec: str, x: jax.Array, a: jax.Array, b: jax.Array, *, rows: bool) -> jax.Array:
+    """`(x a) b` in float32 for `jnp.einsum(spec, x, W)`; `rows`: a and b have a leading batch axis (x's first)."""
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
     contracted = "".join(c for c in w_axes if c in x_axes)
     kept = "".join(c for c in x_axes if c not in contracted)
     r = next(c for c in "rzyxwq" if c not in spec)
-    if w.dropout > 0 and w.key is not None:
-        keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1 - w.dropout, x.shape)
-        x = jnp.where(keep, x / (1 - w.dropout), 0).astype(x.dtype)
-    h = jnp.einsum(f"{x_axes},{contracted}{r}->{kept}{r}", x, w.a, preferred_element_type=jnp.float32)
-    h = jnp.einsum(f"{kept}{r},{r}{w_axes.replace(contracted, '')}->{out}", h.astype(x.dtype), w.b,
-                   preferred_element_type=jnp.float32)
-    return w.scale * h
+    batch = x_axes[0] if rows else ""
+    h = jnp.einsum(f"{x_axes},{batch}{contracted}{r}->{kept}{r}", x, a, preferred_element_type=jnp.float32)
+    return jnp.einsum(f"{kept}{r},{batch}{r}{w_axes.replace(contracted, '')}->{out}", h.astype(x.dtype), b,
+                      preferred_element_type=jnp.float32)
 
 
 def adapter_shapes(path: tuple[str, ...], names: tuple[str | None, ...], shape: tuple[int, ...], rank: int
@@ -103,20 +151,81 @@ def init_adapters(shapes: Any, logical_names: Any, *, rank: int, targets: tuple[
 def attach(params: Any, adapters: Any, scale: float, *, dropout: float = 0.0, key: jax.Array | None = None) -> Any:
     """The params with each adapted weight replaced by `LoraWeight(weight, a, b, scale)`; with `dropout` and a PRNG
     `key`, each gets its own dropout key (one per layer for stacked weights)."""
-    flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
-                                                set(x) == {"a", "b"})[0]
     result = dict(params)
-    for index, (path, pair) in enumerate(flat):
-        keys = tuple(k.key for k in path)
-        node = result
-        for k in keys[:-1]:
-            node[k] = dict(node[k])
-            node = node[k]
+    for index, (keys, pair) in enumerate(_pairs(adapters)):
         leaf_key = None
         if dropout > 0 and key is not None:
             leaf_key = jax.random.fold_in(key, index)
             if keys[0] == "layers":
                 leaf_key = jax.random.split(leaf_key, pair["a"].shape[0])
             leaf_key = jax.random.key_data(leaf_key)
-        node[keys[-1]] = LoraWeight(node[keys[-1]], pair["a"], pair["b"], scale, dropout, leaf_key)
+        _replace(result, keys, functools.partial(LoraWeight, a=pair["a"], b=pair["b"], scale=scale, dropout=dropout,
+                                                 key=leaf_key))
     return result
+
+
+def attach_many(params: Any, adapters: Sequence[tuple[Any, float]]) -> Any:
+    """The params with each weight that one of `adapters` targets replaced by a `MultiLoraWeight`: slot 0 the base
+    alone, slot i the i-th adapter (zeros where it lacks the target). `adapters`: (factors as `attach` takes them,
+    scale) each, in the params' layout (stacked or per layer)."""
+    found: dict[tuple[str, ...], list] = {}
+    for i, (tree, _) in enumerate(adapters):
+        for keys, pair in _pairs(tree):
+            found.setdefault(keys, [None] * len(adapters))[i] = pair
+    scales = np.array([0.0, *(scale for _, scale in adapters)], np.float32)
+    result = dict(params)
+    for keys, pairs in found.items():
+        lead = int(keys[0] == "layers")
+        a = _stacked([None if p is None else p["a"] for p in pairs], lead, -1)
+        b = _stacked([None if p is None else p["b"] for p in pairs], lead, lead)
+        scale = jnp.asarray(np.broadcast_to(scales, (*a.shape[:lead], len(scales))))
+        _replace(result, keys, functools.partial(MultiLoraWeight, a=a, b=b, scale=scale))
+    return result
+
+
+def _stacked(factors: list, lead: int, rank_axis: int) -> jax.Array:
+    """One target's factor of each adapter (None: lacks it) `[*layers, *shape]` -> float32 `[*layers, 1 + adapters,
+    *shape]`: slot 0 and missing ones zeros, each zero-padded on `rank_axis` to the largest rank (exact)."""
+    arrays = [None if f is None else np.asarray(f, np.float32) for f in factors]
+    given = [f for f in arrays if f is not None]
+    rank = max(f.shape[rank_axis] for f in given)
+    shape = list(given[0].shape)
+    shape[rank_axis] = rank
+    padded = [np.zeros(shape, np.float32) if f is None else
+              np.pad(f, [(0, rank - n if axis == rank_axis % f.ndim else 0) for axis, n in enumerate(f.shape)])
+              for f in [None, *arrays]]
+    return jnp.asarray(np.stack(padded, axis=lead))
+
+
+def select_adapters(params: Any, ids: jax.Array) -> Any:
+    """The params with each MultiLoraWeight's ids set: row i of a forward on them runs adapter `ids[i]` (`[batch]`,
+    0 the base alone); inside a jitted program, so that the ids are an argument of it."""
+    def select(w):
+        if not isinstance(w, MultiLoraWeight):
+            return w
+        return w.replace(ids=jnp.broadcast_to(ids, (*w.scale.shape[:-1], *jnp.shape(ids))))  # stacked: per layer
+
+    return jax.tree.map(select, params, is_leaf=lambda x: isinstance(x, MultiLoraWeight))
+
+
+def adapter_count(params: Any) -> int:
+    """The slots of the params' MultiLoraWeights (1 + adapters); 1 (the base) without any."""
+    multi = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, MultiLoraWeight))
+             if isinstance(w, MultiLoraWeight)]
+    return multi[0].scale.shape[-1] if multi else 1
+
+
+def _pairs(adapters: Any) -> list[tuple[tuple[str, ...], dict]]:
+    """(params path, {"a", "b"}) of each adapted weight in a tree of adapters."""
+    flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: isinstance(x, dict) and
+                                                set(x) == {"a", "b"})[0]
+    return [(tuple(k.key for k in path), pair) for path, pair in flat]
+
+
+def _replace(params: dict, keys: tuple[str, ...], make) -> None:
+    """Set the leaf at `keys` to `make(leaf)`, copying the dicts on the way (`params` itself is the caller's copy)."""
+    node = params
+    for k in keys[:-1]:
+        node[k] = dict(node[k])
+        node = node[k]
+    node[keys[-1]] = make(node[keys[-1]])

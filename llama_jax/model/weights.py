@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model.lora import LoraWeight, low_rank
+from llama_jax.model.lora import LoraWeight, MultiLoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
 
 INIT = nn.initializers.normal(0.02)
@@ -26,17 +26,19 @@ def narrow_weight_options(params) -> dict:
     return CPU_NARROW_WEIGHT_OPTIONS if narrow and on_cpu else {}
 
 
-def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight, out_dtype=None) -> jax.Array:
+def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | MultiLoraWeight, out_dtype=None
+            ) -> jax.Array:
     """`jnp.einsum(spec, x, w)` accumulated in float32 and returned in `out_dtype` (default x's dtype).
 
     With bfloat16 operands and a bfloat16 result XLA:CPU converts the whole weight to float32 at every call;
     asking for a float32 result lets it multiply the bfloat16 weight directly (about 8x faster per matmul).
     An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU the convert fuses into the matmul, so
     the int8 bytes are what is read) and the output channels scaled after; `spec` must put w's kept axes last in
-    the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update.
+    the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
+    `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if isinstance(w, LoraWeight):
+    if isinstance(w, (LoraWeight, MultiLoraWeight)):
         return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
         out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -52,10 +54,11 @@ def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
-def cast(w: jax.Array | QuantArray | LoraWeight, dtype) -> jax.Array | QuantArray | LoraWeight:
+def cast(w: jax.Array | QuantArray | LoraWeight | MultiLoraWeight, dtype
+         ) -> jax.Array | QuantArray | LoraWeight | MultiLoraWeight:
     """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot); a LoRA
-    weight's base as such and its factors in the compute dtype."""
-    if isinstance(w, LoraWeight):
+    weight's base as such and its factors in the compute dtype (its scales and ids as they are)."""
+    if isinstance(w, (LoraWeight, MultiLoraWeight)):
         return w.replace(base=cast(w.base, dtype), a=w.a.astype(dtype), b=w.b.astype(dtype))
     return w if isinstance(w, QuantArray) else w.astype(dtype)
 
