@@ -2,10 +2,11 @@
 and which hold a known run of tokens (the prefix cache).
 
 Every full block that a request has computed is keyed by a digest of its tokens and of its parent block's key, so
-a key names the whole prefix up to the end of that block. A new request takes the longest run of cached blocks
-that its prompt begins with and computes only the rest. Blocks whose requests have finished stay cached while
-free, and are handed out again least recently used first (their key forgotten then). A cached block is never
-written again: only full blocks are cached, and a request writes only after its last full cached block.
+a key names the whole prefix up to the end of that block, and the adapter it was computed with (`root_key`). A new
+request takes the longest run of cached blocks that its prompt begins with and computes only the rest. Blocks whose
+requests have finished stay cached while free, and are handed out again least recently used first (their key
+forgotten then). A cached block is never written again: only full blocks are cached, and a request writes only
+after its last full cached block.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import numpy as np
 from llama_jax.model import NULL_BLOCK
 
 ROOT = b"llama_jax"
+
+
+def root_key(adapter: int) -> bytes:
+    """The parent key of a request's first block: ROOT for the base, one of its own for each LoRA adapter, so that
+    blocks computed under one adapter are never reused under another (their keys and values differ)."""
+    if adapter == 0:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"/adapter" + str(adapter).encode(), digest_size=16).digest()
 
 
 def block_keys(tokens: Sequence[int], block_size: int, parent: bytes = ROOT) -> list[bytes]:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generation.blocks import ROOT, BlockPool, block_keys
+from llama_jax.generation.blocks import BlockPool, block_keys, root_key
 from llama_jax.generation.paged_steps import (check_sizes, choose_shape, compile_all, decode_pages, powers_of_two,
                                               prefill_chunk, prefill_shapes)
 from llama_jax.generation.requests import Output, Request, RequestState, Token
@@ -44,13 +44,14 @@ from llama_jax.generation.rows import host_tokens, row_args
 from llama_jax.generation.steps import DecodeState
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
                              Pages, init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
-                             tree_shardings, unstack_layers)
+                             adapter_count, tree_shardings, unstack_layers)
 
 
 class PagedEngine:
     """Up to `slots` requests at once, of up to `max_len` tokens each, over a pool of `kv_tokens` token slots.
 
     params:           per layer, as `Engine` takes them (`load_params(..., per_layer=True)`); or stacked, then split.
+                      With LoRA adapters `attach_many` put on them, each request runs its own (`Request.adapter`).
     block_size:       tokens per block; divides max_len.
     max_batch_tokens: prompt tokens prefilled per step at most (one long prompt, or several short ones).
     prefix_cache:     reuse computed blocks across requests (see blocks.py).
@@ -80,6 +81,7 @@ class PagedEngine:
         pool = init_paged_cache(config, self.blocks.usable + 1, block_size, cache_dtype)
         self.pool = jax.device_put(pool, None if mesh is None else jax.tree.map(
             lambda a: named_sharding(mesh, POOL_NAMES, a.shape), pool))
+        self.adapters = adapter_count(params)  # slots: the base and each adapter
         self.is_stop = np.zeros(config.vocab_size, bool)
         self.is_stop[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
 
@@ -114,6 +116,8 @@ class PagedEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in request.stop_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if not 0 <= request.adapter < self.adapters:
+            raise ValueError(f"adapter {request.adapter} is not one of the engine's {self.adapters} (0: the base)")
         if n + request.max_new_tokens - 1 > self.max_len:
             raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={request.max_new_tokens} does not fit the "
                              f"context of {self.max_len} tokens")
@@ -160,7 +164,8 @@ class PagedEngine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.slots:
             sequence = self.waiting[0]
-            keys = block_keys(sequence.tokens[:-1], self.block_size)  # the last token is always computed
+            # the last token is always computed; a block is of use only under the adapter that computed it
+            keys = block_keys(sequence.tokens[:-1], self.block_size, root_key(sequence.request.adapter))
             hit = self.blocks.match(keys)
             self.blocks.take(hit)
             need = -(-len(sequence.tokens) // self.block_size) - len(hit)
@@ -212,9 +217,9 @@ class PagedEngine:
             lengths[r] = sequence.computed + len(part)
             tables[r, :len(sequence.blocks)] = sequence.blocks
             steps[r] = sequence.emitted
-        seeds, streams, sampling, penalties, history, prompts = self._rows(chosen, rows)
+        seeds, streams, sampling, penalties, history, prompts, adapters = self._rows(chosen, rows)
         args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, streams, steps, sampling,
-                penalties, history, prompts)
+                penalties, history, prompts, adapters)
         self.pool, first = self._program("prefill", (rows, width), args)(*args)
         first = host_tokens(first)
         for r, sequence in enumerate(chosen):
@@ -235,9 +240,9 @@ class PagedEngine:
                 limit[r] = min(limit[r], sequence.emitted + 1)
             tables[r, :len(sequence.blocks)] = sequence.blocks
         done = np.arange(rows) >= len(decoding)
-        seeds, streams, sampling, penalties, history, prompts = self._rows(decoding, rows)
+        seeds, streams, sampling, penalties, history, prompts, adapters = self._rows(decoding, rows)
         args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, streams, sampling,
-                penalties, history, prompts, self.is_stop, limit)
+                penalties, history, prompts, adapters, self.is_stop, limit)
         self.pool, out = self._program("decode", rows, args)(*args)
         for sequence, new in zip(decoding, host_tokens(out), strict=False):
             stops = [i for i, t in enumerate(new) if t.id in sequence.request.stop_ids]
@@ -263,7 +268,7 @@ class PagedEngine:
         done, full = len(sequence.keys), sequence.computed // self.block_size
         if full > done:
             new = block_keys(sequence.tokens[done * self.block_size:full * self.block_size], self.block_size,
-                             sequence.keys[-1] if sequence.keys else ROOT)
+                             sequence.keys[-1] if sequence.keys else root_key(sequence.request.adapter))
             for block, key in zip(sequence.blocks[done:full], new, strict=True):
                 self.blocks.register(block, key)
             sequence.keys += new
@@ -306,17 +311,17 @@ class PagedEngine:
         for rows, width in self.prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             tables = np.zeros((rows, self.table_len), np.int32)
-            seeds, streams, sampling, penalties, history, prompts = self._rows([], rows)
+            seeds, streams, sampling, penalties, history, prompts, adapters = self._rows([], rows)
             lowered["prefill", (rows, width)] = self._lower("prefill", (
                 self.params, self.pool, zeros, Pages(tables, zeros, seeds), seeds, streams, seeds, sampling,
-                penalties, history, prompts))
+                penalties, history, prompts, adapters))
         for rows in self.decode_rows:
             zeros = np.zeros(rows, np.int32)
-            seeds, streams, sampling, penalties, history, prompts = self._rows([], rows)
+            seeds, streams, sampling, penalties, history, prompts, adapters = self._rows([], rows)
             lowered["decode", rows] = self._lower("decode", (
                 self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
                 DecodeState(zeros, zeros, np.ones(rows, bool), zeros), seeds, streams, sampling, penalties, history,
-                prompts, self.is_stop, zeros))
+                prompts, adapters, self.is_stop, zeros))
         self._programs.update(compile_all(lowered, self._options))
         return len(self._programs), time.perf_counter() - start
 

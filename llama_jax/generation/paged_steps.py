@@ -6,8 +6,8 @@ differs.
 Rows carry what the host knows about each request: its seed and stream (the request's PRNG stream is row `stream`
 of `row_keys(seed, ...)`, as row `stream` of `Engine.generate(..., seed=seed)`), tokens emitted so far (the step whose
 key samples the next token), sampling parameters, logit bias and penalties with the tokens they count (`history`:
-prompt then generated tokens, -1 after them; `prompt_lengths`), and token limit. Unused rows have length 0: they
-write and emit nothing.
+prompt then generated tokens, -1 after them; `prompt_lengths`), its LoRA adapter (`adapters`, a slot of the
+params' `MultiLoraWeight`s, 0 the base) and token limit. Unused rows have length 0: they write and emit nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from llama_jax.generation.penalties import PenaltyRows, penalize, token_counts
 from llama_jax.generation.sampling import SamplingRows, sample, step_keys
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, emitted
-from llama_jax.model import PagedCache, Pages, forward
+from llama_jax.model import PagedCache, Pages, forward, select_adapters
 
 
 CALL_TOKENS = 64  # a prefill call's fixed cost, as tokens computed (see choose_shape)
@@ -33,13 +33,14 @@ def request_keys(seeds: jax.Array, streams: jax.Array) -> jax.Array:
 
 
 def prefill_chunk(params, pool: PagedCache, tokens, pages: Pages, seeds, streams, steps, rows: SamplingRows,
-                  penalties: PenaltyRows, history, prompt_lengths, *, config, dtype, attention, top_logprobs
+                  penalties: PenaltyRows, history, prompt_lengths, adapters, *, config, dtype, attention, top_logprobs
                   ) -> tuple[PagedCache, Emitted]:
-    """Prompt chunks `[rows, q]`, left padded (a row's tokens end at its last column), into their rows' blocks;
-    samples each row's next token from its last token's logits with the key of step `steps` `[rows]`.
+    """Prompt chunks `[rows, q]`, left padded (a row's tokens end at its last column), into their rows' blocks, each
+    row through its LoRA adapter `adapters` `[rows]` (`select_adapters`); samples each row's next token from its last
+    token's logits with the key of step `steps` `[rows]`.
     Returns (pool, Emitted of width 1); the host keeps the token only for rows whose chunk ends their tokens."""
-    logits, pool = forward(params, tokens, config, cache=pool, pages=pages, dtype=dtype, last_only=True,
-                           attention=attention)
+    logits, pool = forward(select_adapters(params, adapters), tokens, config, cache=pool, pages=pages, dtype=dtype,
+                           last_only=True, attention=attention)
     logits = logits[:, -1]
     adjusted = penalize(logits, penalties, token_counts(history, prompt_lengths, logits.shape[-1]))
     token = sample(adjusted, step_keys(request_keys(seeds, streams), steps), rows)
@@ -47,11 +48,12 @@ def prefill_chunk(params, pool: PagedCache, tokens, pages: Pages, seeds, streams
 
 
 def decode_pages(params, pool, tables, state: DecodeState, seeds, streams, rows, penalties: PenaltyRows, history,
-                 prompt_lengths, is_stop, limit, *, config, dtype, attention, width, top_logprobs):
-    """`decode_loop` over a paged pool, the rows' PRNG streams from their seeds. -> (pool, Emitted)."""
+                 prompt_lengths, adapters, is_stop, limit, *, config, dtype, attention, width, top_logprobs):
+    """`decode_loop` over a paged pool, the rows' PRNG streams from their seeds, each row through its LoRA adapter
+    `adapters` `[rows]`. -> (pool, Emitted)."""
     counts = token_counts(history, prompt_lengths, config.vocab_size)
-    pool, _, out = decode_loop(params, pool, state, request_keys(seeds, streams), rows, is_stop, limit,
-                               config=config, dtype=dtype, attention=attention, width=width,
+    pool, _, out = decode_loop(select_adapters(params, adapters), pool, state, request_keys(seeds, streams), rows,
+                               is_stop, limit, config=config, dtype=dtype, attention=attention, width=width,
                                top_logprobs=top_logprobs, tables=tables, penalties=(penalties, counts))
     return pool, out
 

@@ -15,7 +15,8 @@ class Request:
     PRNG stream, as row `stream` of `Engine.generate(..., seed=seed)`; the choices of one prompt take streams 0, 1,
     ...); stop_ids: its own stop tokens, besides the checkpoint's; constraint: the tokens it may take next (a grammar,
     for structured output), an object with `fill(mask)`, which writes an int32 bitmask `[ceil(vocab / 32)]` of them
-    (llama_jax.generation.penalties' layout), and `consume(token)`, told each token the request emits."""
+    (llama_jax.generation.penalties' layout), and `consume(token)`, told each token the request emits; adapter: the
+LoRA adapter it runs with, a slot of the engine's params (`attach_many`), 0 the base alone."""
 
     prompt: Sequence[int]
     max_new_tokens: int
@@ -24,6 +25,7 @@ class Request:
     stream: int = 0
     stop_ids: tuple[int, ...] = ()
     constraint: Any = None
+    adapter: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Output:
     tokens: list[Token]
     finish_reason: str | None = None
     cached: int = 0  # on a request's first Output: its prompt tokens that came from the prefix cache
+    proposed: int = 0  # on its last: tokens proposed by speculation for it, and those the model accepted
+    accepted: int = 0
 
 
 @dataclasses.dataclass
@@ -58,6 +62,8 @@ class RequestState:
     computed: int = 0  # tokens whose keys and values are in its blocks
     emitted: int = 0
     cached: int = 0  # tokens taken from the prefix cache at its (last) admission
+    proposed: int = 0  # speculated tokens verified for it, and accepted
+    accepted: int = 0
 
     @property
     def decoding(self) -> bool:

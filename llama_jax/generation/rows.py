@@ -13,19 +13,20 @@ from llama_jax.generation.steps import EMPTY, Emitted
 
 def row_args(chosen: list[RequestState], rows: int, max_len: int, vocab: int) -> tuple:
     """Each row's seed, stream, sampling, penalties (with its constraint's allowed tokens), tokens so far
-    (`[rows, max_len]`, -1 after them) and prompt length; rows past `chosen` are greedy and empty."""
-    seeds, streams, prompts = (np.zeros(rows, np.int32) for _ in range(3))
+    (`[rows, max_len]`, -1 after them), prompt length and LoRA adapter; rows past `chosen` are greedy and empty."""
+    seeds, streams, prompts, adapters = (np.zeros(rows, np.int32) for _ in range(4))
     history = np.full((rows, max_len), -1, np.int32)
     for r, sequence in enumerate(chosen):
         request = sequence.request
         seeds[r], streams[r], prompts[r] = request.seed, request.stream, len(request.prompt)
+        adapters[r] = request.adapter
         history[r, :len(sequence.tokens)] = sequence.tokens[:max_len]
     params = [s.request.sampling for s in chosen] + [GREEDY] * (rows - len(chosen))
     penalties = penalty_rows(params, vocab)
     for r, sequence in enumerate(chosen):
         if sequence.request.constraint is not None:
             sequence.request.constraint.fill(penalties.allowed[r])
-    return seeds, streams, sampling_rows(params), penalties, history, prompts
+    return seeds, streams, sampling_rows(params), penalties, history, prompts, adapters
 
 
 def host_tokens(out: Emitted) -> list[list[Token]]:
