@@ -1,6 +1,6 @@
 """python -m infer.serve [CKPT_DIR] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-len N] [--kv-tokens N]
-[--max-batch-tokens N] [--no-prefix-cache] [--api-key KEY] [--quantize int8] [--adapter DIR] [--mesh SPEC]
-[--dtype ...]: an OpenAI-compatible HTTP server with continuous batching over a paged KV cache.
+[--max-batch-tokens N] [--no-prefix-cache] [--api-key KEY] [--quantize int8] [--adapter [NAME=]DIR ...]
+[--mesh SPEC] [--dtype ...]: an OpenAI-compatible HTTP server with continuous batching over a paged KV cache.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics (Prometheus).
 Up to `--slots` requests run at once, each of up to `--max-len` tokens (prompt plus completion), their keys and
@@ -9,7 +9,9 @@ decodes a token of every running request and prefills up to `--max-batch-tokens`
 A prompt that begins with tokens already computed (a shared system prompt, a conversation's earlier turns) starts
 from the prefix cache. A request waits when no place or no blocks are free, and gets 429 once `--max-waiting` are
 waiting. Every program is compiled before the server listens. SIGTERM (or Ctrl-C) lets the requests in flight
-finish, then exits. Without CKPT_DIR it serves SmolLM2-135M-Instruct.
+finish, then exits. Without CKPT_DIR it serves SmolLM2-135M-Instruct. With `--adapter NAME=DIR` (repeatable) it
+serves each LoRA adapter beside the base as model NAME: a request's `model` picks one, and requests for different
+adapters run in the same batch.
 """
 
 from __future__ import annotations
@@ -56,8 +58,19 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, help="KV-cache dtype (default: the compute dtype)")
     p.add_argument("--quantize", metavar="int8", help="int8: quantize the weights while loading")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter for this model, not merged")
+    p.add_argument("--adapter", metavar="[NAME=]DIR", action="append", default=[],
+                   help="a PEFT LoRA adapter for this model, not merged. NAME=DIR (repeatable): served beside the base "
+                        "as model NAME; DIR alone (once, without NAME=DIR ones): every request runs it, under the "
+                        "base's name")
     args = p.parse_args(argv)
+    args.adapters = [tuple(a.split("=", 1)) for a in args.adapter if "=" in a]  # [(NAME, DIR)]
+    plain = [a for a in args.adapter if "=" not in a]
+    if len(plain) > 1 or plain and args.adapters:
+        p.error("--adapter DIR (every request runs it) comes alone; serve several as --adapter NAME=DIR each")
+    names = [name for name, _ in args.adapters]
+    if any(not name or not directory for name, directory in args.adapters) or len(set(names)) < len(names):
+        p.error(f"--adapter NAME=DIR needs a NAME and a DIR, each NAME once, got {', '.join(args.adapter)}")
+    args.adapter = plain[0] if plain else None
     if args.max_waiting < 0:
         p.error("--max-waiting must be >= 0")
     args.kv_tokens = args.slots * args.max_len if args.kv_tokens is None else args.kv_tokens
@@ -93,16 +106,18 @@ def build(args):
     enable_compilation_cache(cache_home() / "xla")
     start = time.perf_counter()
     mesh = make_mesh(args.mesh) if args.mesh else None
-    params = load_weights(args, checkpoint, dtype, mesh)
+    name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
+    if name in dict(args.adapters):
+        raise ValueError(f"--adapter {name}=...: {name!r} is the base model's name (--name sets another)")
+    params = load_weights(args, checkpoint, dtype, mesh, args.adapters)
     log(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s")
     engine = PagedEngine(params, config, slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens,
                          block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          prefix_cache=args.prefix_cache, stop_ids=checkpoint.stop_ids,
                          cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
-    name = args.name or os.path.basename(os.path.normpath(str(args.checkpoint)))
     service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
                       params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name,
-                      stop_ids=checkpoint.stop_ids, mesh=mesh)
+                      stop_ids=checkpoint.stop_ids, mesh=mesh, adapters=[name for name, _ in args.adapters])
     start = time.perf_counter()
     programs, _ = engine.warm_up()
     programs += service.warm_up()
@@ -120,7 +135,7 @@ def run(args) -> int:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                log(f"ready: http://{args.host}:{args.port}/v1 serving {service.name!r}")
+                log(f"ready: http://{args.host}:{args.port}/v1 serving {', '.join(map(repr, service.models))}")
 
     service = build(args)
     # uvicorn drains on SIGTERM, then raises it again under the handler found at start: let that one return, so

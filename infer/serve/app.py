@@ -73,8 +73,9 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
-                                            "owned_by": "llama_jax", "max_model_len": service.max_len}]}
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "llama_jax",
+                                            "max_model_len": service.max_len, "parent": service.name if slot else None}
+                                           for model, slot in service.models.items()]}
 
     # vLLM's tokenizer endpoints: lm-evaluation-harness tokenizes through them (its "remote" tokenizer backend)
     @app.get("/tokenizer_info")
@@ -99,7 +100,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         check(body)
         ids = service.chat_ids(body.messages)
         runs = await service.choices(ids, body, service.budget(ids, body), seed_of(body))
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or service.name}
         if body.stream:
             return sse(chat_stream(runs, meta, body, len(ids)))
         results = await asyncio.gather(*(collect(run, request) for run in runs))
@@ -132,7 +133,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "stream: one prompt at a time", param="stream")
         budgets = [service.budget(ids, body) for ids in prompts] if body.max_tokens != 0 else [0] * len(prompts)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or service.name}
         seed = seed_of(body)
         runs = [await service.choices(ids, body, n, seed) if n else [None] * body.n
                 for ids, n in zip(prompts, budgets, strict=True)]
@@ -143,7 +144,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         for index, (text, tokens, reason) in enumerate(results):  # index: prompt x n + choice, as OpenAI's
             ids = prompts[index // body.n]
             if body.echo and index // body.n not in scores:  # the prompt scored once for its n choices
-                scores[index // body.n] = await asyncio.to_thread(service.score, ids)
+                scores[index // body.n] = await asyncio.to_thread(service.score, ids, service.adapter(body.model))
             scored = scores.get(index // body.n, [])
             prompt_text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
             logprobs = None
@@ -159,7 +160,8 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         chunk = {**meta, "object": "text_completion"}
         count = 0
         if body.echo:
-            scored = await asyncio.to_thread(service.score, ids) if body.top() is not None else []
+            scored = (await asyncio.to_thread(service.score, ids, service.adapter(body.model)) if body.top() is not None
+                      else [])
             logprobs = None if body.top() is None else completion_logprobs(service.encoder, scored, body.top())
             text = service.encoder.tokenizer.decode(ids, skip_special_tokens=False)
             for index in range(len(runs)):
@@ -175,9 +177,7 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     def check(body: Sampling) -> None:
         body.check()
-        if body.model is not None and body.model != service.name:
-            raise ApiError(404, f"The model `{body.model}` does not exist (this server has `{service.name}`)",
-                           param="model", code="model_not_found")
+        service.adapter(body.model)  # a 404 for a model this server does not have
 
     return app
 

@@ -18,6 +18,7 @@ from infer.serve.metrics import Metrics
 from infer.serve.protocol import ApiError, Message, Sampling
 from llama_jax.generation import (QueueFull, Request, SamplingParams, Scheduler, Ticket, Token, compile_all,
                                   prefill_lengths, token_logprobs)
+from llama_jax.model import select_adapters
 from llama_jax.text import Encoder, StreamDecoder
 
 MAX_TOP = 5
@@ -61,15 +62,17 @@ class TextStream:
 
 
 class Service:
-    """The model behind the endpoints: `max_len` tokens of context per request."""
+    """The model behind the endpoints: `max_len` tokens of context per request; `name` the base's, `adapters` the
+    names of the LoRA adapters in the params' slots 1, 2, ... (`attach_many`)."""
 
     def __init__(self, *, encoder: Encoder, scheduler: Scheduler, params, config, dtype, max_len: int, name: str,
-                 stop_ids: Sequence[int], mesh=None):
+                 stop_ids: Sequence[int], mesh=None, adapters: Sequence[str] = ()):
         self.encoder, self.scheduler, self.name, self.max_len = encoder, scheduler, name, max_len
+        self.models = {name: 0} | {adapter: slot for slot, adapter in enumerate(adapters, 1)}  # model -> slot
         self.grammars = Grammars(encoder, config.vocab_size, stop_ids)
         self.metrics = Metrics(scheduler)
         self.config, self.params, self.mesh = config, params, mesh
-        self._score = jax.jit(functools.partial(token_logprobs, config=config, dtype=dtype, top=MAX_TOP))
+        self._score = jax.jit(functools.partial(adapter_logprobs, config=config, dtype=dtype, top=MAX_TOP))
         self._scorers: dict[int, object] = {}  # padded prompt length -> compiled scorer
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
@@ -78,6 +81,13 @@ class Service:
             return self.encoder.render(turns, add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
+
+    def adapter(self, model: str | None) -> int:
+        """The adapter slot a request's `model` names (the base's name, or none: 0); ApiError 404 for another."""
+        if model is not None and model not in self.models:
+            raise ApiError(404, f"The model `{model}` does not exist (this server has "
+                                f"{', '.join(f'`{m}`' for m in self.models)})", param="model", code="model_not_found")
+        return self.models.get(model, 0)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -140,7 +150,7 @@ class Service:
         updates: asyncio.Queue = asyncio.Queue()
         arrived = time.perf_counter()
         request = Request(ids, max_tokens, self.sampling(body), seed, stream, tuple(body.stop_token_ids or ()),
-                          None if grammar is None else self.grammars.constraint(grammar))
+                          None if grammar is None else self.grammars.constraint(grammar), self.adapter(body.model))
         try:
             ticket = self.scheduler.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
         except QueueFull as e:
@@ -182,7 +192,7 @@ class Service:
     def _lower_scorer(self, padded: int):
         rows = np.zeros((1, padded), np.int32)
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
-            return self._score.lower(self.params, rows, rows)
+            return self._score.lower(self.params, np.zeros(1, np.int32), rows, rows)
 
     def warm_up(self) -> int:
         """Compile the prompt scorer for every prompt length bucket, several at once; returns how many programs."""
@@ -190,17 +200,24 @@ class Service:
                                           if padded not in self._scorers}))
         return len(self._scorers)
 
-    def score(self, ids: list[int]) -> list[Token]:
+    def score(self, ids: list[int], adapter: int = 0) -> list[Token]:
         """Each prompt token with its log-probability given the tokens before it (None for the first) and the
-        MAX_TOP most likely tokens there: `infer --perplexity`'s scoring (`token_logprobs`), one forward."""
+        MAX_TOP most likely tokens there, under LoRA `adapter`: `infer --perplexity`'s scoring (`token_logprobs`),
+        one forward."""
         padded = next(p for p in prefill_lengths(self.max_len) if p >= len(ids))
         tokens = np.zeros((1, padded), np.int32)
         segments = np.zeros((1, padded), np.int32)
         tokens[0, :len(ids)], segments[0, :len(ids)] = ids, 1  # right padding: causal attention never sees it
-        chosen, top_ids, top_lp = (np.asarray(a)[0] for a in self._scorer(padded)(self.params, tokens, segments))
+        chosen, top_ids, top_lp = (np.asarray(a)[0] for a in self._scorer(padded)(
+            self.params, np.array([adapter], np.int32), tokens, segments))
         return [Token(ids[0])] + [Token(ids[t], float(chosen[t - 1]),
                                tuple(zip(top_ids[t - 1].tolist(), top_lp[t - 1].tolist(), strict=True)))
                          for t in range(1, len(ids))]
+
+
+def adapter_logprobs(params, adapters, tokens, segment_ids, **static):
+    """`token_logprobs` with each row through its LoRA adapter `adapters` `[batch]` (`select_adapters`)."""
+    return token_logprobs(select_adapters(params, adapters), tokens, segment_ids, **static)
 
 
 async def prepend(head: Piece, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
