@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -35,8 +37,10 @@ def chat_messages(user: str, system: str | None = None) -> list[dict[str, str]]:
 
 
 def chat_template_for(tokenizer: Tokenizer, checkpoint_template: str | None) -> str:
-    """The Llama 3 header format for a Llama 3 tokenizer, else the checkpoint's own (HF-style jinja) template."""
-    if all(tokenizer.token_to_id(t) is not None for t in LLAMA3_HEADER_TOKENS):
+    """The Llama 3 header format for a Llama 3 tokenizer, unless the checkpoint's own template takes tools (Llama
+    3.1 and later: its format for tool calls is the model's); else the checkpoint's own (HF-style jinja) template."""
+    llama3 = all(tokenizer.token_to_id(t) is not None for t in LLAMA3_HEADER_TOKENS)
+    if llama3 and not (checkpoint_template and takes_tools(checkpoint_template)):
         return LLAMA3_CHAT_TEMPLATE
     if checkpoint_template:
         return checkpoint_template
@@ -65,28 +69,61 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, template: str, *, bos_token: str = "",
-                eos_token: str = "", add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` ({"role", "content"} dicts) in the jinja chat `template`.
+def takes_tools(template: str) -> bool:
+    """Whether a jinja chat template reads the `tools` variable (transformers' `apply_chat_template(tools=...)`)."""
+    return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(template))
 
-    The template's own special tokens become special ids; message contents are plain text. How: every special
-    token string inside a content is swapped for an unused private-use character before rendering (so template
-    filters such as `trim` see the real text), the rendered text is split at the special token strings left
-    (the template's), and each piece between them is encoded as plain text with the swaps undone.
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers, None) with `change` applied to every string in it, keys
+    included."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, Mapping):
+        return {change(k) if isinstance(k, str) else k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(v, change) for v in value]
+    return value
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in `value` (JSON-like), keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def render_chat(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: str, *, bos_token: str = "",
+                eos_token: str = "", add_generation_prompt: bool = True, tools: Sequence[Mapping] | None = None
+                ) -> list[int]:
+    """Token ids of `messages` ({"role", "content"} dicts, maybe with more JSON-like fields such as an assistant's
+    "tool_calls") in the jinja chat `template`, given `tools` (function specs) as transformers gives them.
+
+    The template's own special tokens become special ids; every string of the messages and tools is plain text.
+    How: every special token string inside them is swapped for an unused private-use character before rendering
+    (so template filters such as `trim` see the real text), the rendered text is split at the special token strings
+    left (the template's), and each piece between them is encoded as plain text with the swaps undone.
     """
     specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
                       key=len, reverse=True)
     special_re = re.compile("(" + ("|".join(map(re.escape, specials)) or "(?!)") + ")")  # never empty-matches
-    contents = [str(m["content"]) for m in messages]
-    used = set("".join(contents) + template)
-    found = sorted({s for c in contents for s in special_re.findall(c)})
+    given = [list(messages), None if tools is None else list(tools)]
+    strings = list(_strings(given))
+    used = set("".join(strings) + template)
+    found = sorted({s for c in strings for s in special_re.findall(c)})
     stand_in = dict(zip(found, (chr(c) for c in PRIVATE_USE if chr(c) not in used), strict=False))
     if len(stand_in) < len(found):
         raise ValueError("the messages use too many private-use characters to escape their special tokens")
-    escaped = [dict(m, content=special_re.sub(lambda s: stand_in[s[0]], c)) for m, c in zip(messages, contents,
-                                                                                              strict=True)]
+    escaped, escaped_tools = _map_strings(given, lambda c: special_re.sub(lambda s: stand_in[s[0]], c))
     text = _environment().from_string(template).render(
-        messages=escaped, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+        messages=escaped, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+        tools=escaped_tools)
 
     restore = str.maketrans({v: k for k, v in stand_in.items()})
     ids: list[int] = []

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from llama_jax.checkpoints import Checkpoint
 from llama_jax.errors import InputError
-from llama_jax.text.chat import chat_template_for, render_chat
+from llama_jax.text.chat import chat_template_for, render_chat, takes_tools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +58,20 @@ class Encoder:
             mask[len(before):len(before) + (ends[-1] + 1 if ends else len(turn))] = 1
         return Example(np.asarray(ids, np.int32), mask)
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
-        """Token ids of `messages` in the chat template, message text taken literally; ValueError if there is no
-        template or it refuses the messages."""
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders tools (function specs)."""
+        return self.chat_template is not None and takes_tools(self.chat_template)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool, tools: Sequence[dict] | None = None
+               ) -> list[int]:
+        """Token ids of `messages` (and `tools`, function specs) in the chat template, their text taken literally;
+        ValueError if there is no template or it refuses the messages."""
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template (and its tokenizer is not Llama 3's)")
         try:
             return render_chat(messages, self.tokenizer, self.chat_template, bos_token=self.bos_token,
-                               add_generation_prompt=add_generation_prompt)
+                               add_generation_prompt=add_generation_prompt, tools=tools)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template refused these messages: {e}") from None
 
