@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from infer.chat import converse
-from infer.constrained import run_constrained, schema_grammar
+from infer.paged import run_paged, schema_grammar
 from infer.perplexity import run_perplexity
+from infer.speculate import HELP as SPECULATE_HELP
+from infer.speculate import check_spec, open_draft, proposer
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
@@ -62,6 +64,8 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     p.add_argument("--json-schema", metavar="FILE",
                    help="constrain every completion to JSON that this JSON schema accepts (llguidance)")
+    p.add_argument("--speculate", metavar="ngram|draft:CKPT_DIR", help=SPECULATE_HELP)
+    p.add_argument("--speculate-tokens", type=int, default=4, metavar="K", help="tokens proposed per step")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
@@ -70,8 +74,11 @@ def parse_args(argv):
         p.error("one of --prompt, --prompts-file or --perplexity is required (or --chat alone, on a terminal)")
     if args.interactive and args.mesh:
         p.error("the interactive chat runs on one device: drop --mesh")
-    if args.json_schema and (args.interactive or args.perplexity):
-        p.error("--json-schema needs --prompt or --prompts-file")
+    for flag in ("json_schema", "speculate"):
+        if getattr(args, flag) and (args.interactive or args.perplexity):
+            p.error(f"--{flag.replace('_', '-')} needs --prompt or --prompts-file")
+    if problem := check_spec(args.speculate, args.speculate_tokens):
+        p.error(problem)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be at least 1")
     return args
@@ -135,6 +142,7 @@ def run(args) -> int:
     prompts = read_prompts(args)
     encoded = [encode(p, args, encoder) for p in prompts]
     grammar = schema_grammar(args.json_schema, checkpoint, encoder) if args.json_schema else None
+    draft = open_draft(args.speculate, encoder)
     longest = max(len(ids) for ids in encoded)
     if longest + args.max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"a prompt of {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
@@ -145,9 +153,10 @@ def run(args) -> int:
     max_len = cache_length(longest, args.max_new_tokens, config.max_position_embeddings)
     # Read straight into the per-layer arrays the Engine runs, which it keeps as they are: one copy of the weights.
     params = load_weights(args, checkpoint, dtype, mesh)
-    if args.json_schema:
-        return run_constrained(args, checkpoint, encoder, grammar, params, sampling, dtype, mesh, prompts, encoded,
-                               max_len)
+    if args.json_schema or args.speculate:
+        speculate = proposer(args.speculate, args.speculate_tokens, draft, dtype)
+        return run_paged(args, checkpoint, encoder, grammar, speculate, params, sampling, dtype, mesh, prompts,
+                         encoded, max_len)
     engine = Engine(params, config, max_len=max_len, sampling=sampling, cache_dtype=args.kv_cache or dtype,
                     dtype=dtype, mesh=mesh, attention=args.attention)
     stream = sys.stdout.isatty() and not args.json and len(prompts) == 1

@@ -241,3 +241,29 @@ def test_json_schema_constrains_every_completion(tiny_checkpoint, tmp_path, caps
     (tmp_path / "bad.json").write_text('{"type": "frobnicate"}')
     code, out, err = run_infer(capsys, tiny_checkpoint, "--prompt", "x", "--json-schema", tmp_path / "bad.json")
     assert code != 0 and "bad.json" in err and "frobnicate" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_speculate_gives_the_tokens_of_plain_infer(tiny_checkpoint, smollm2_checkpoint, tmp_path, capsys):
+    """--speculate ngram and draft:CKPT (the model as its own draft: greedy, it accepts every proposal): the same
+    tokens as `infer` without it, with the proposals counted (sampled rows, other drafts and many prompts:
+    tests/test_speculation.py, on the engine); a draft with another tokenizer is one line naming it."""
+    (tmp_path / "prompts.txt").write_text("abcabcabcabcab\nthe cat, the cat, the cat, the\n")
+    common = [tiny_checkpoint, "--prompts-file", tmp_path / "prompts.txt", "--json", "--max-new-tokens", "24",
+              "--temperature", "0"]
+    code, plain, err = run_infer(capsys, *common)
+    assert code == 0, err
+    plain = [json.loads(line)["generated_token_ids"] for line in plain.splitlines()]
+    for spec in ("ngram", f"draft:{tiny_checkpoint}"):
+        code, out, err = run_infer(capsys, *common, "--speculate", spec, "--speculate-tokens", "3")
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [r["generated_token_ids"] for r in rows] == plain
+        proposed, accepted = (sum(r["speculation"][f"{kind}_tokens"] for r in rows)
+                              for kind in ("proposed", "accepted"))
+        assert proposed >= accepted >= 0 and proposed > 0
+        assert accepted == proposed or spec == "ngram"
+    code, _, err = run_infer(capsys, tiny_checkpoint, "--prompt", "x", "--speculate", f"draft:{smollm2_checkpoint}")
+    assert code == 2 and str(smollm2_checkpoint) in err and "tokenizer" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exit:
+        parse_args([str(tiny_checkpoint), "--prompt", "x", "--speculate", "draft"])
+    assert exit.value.code == 2 and "--speculate" in capsys.readouterr().err

@@ -26,6 +26,8 @@ import time
 
 import jax.numpy as jnp
 
+from infer.speculate import HELP as SPECULATE_HELP
+from infer.speculate import check_spec, open_draft, proposer
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
@@ -51,6 +53,8 @@ def parse_args(argv):
                    help="compute every prompt whole, sharing nothing between requests")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 429s")
     p.add_argument("--chunk", type=int, default=4, help="decode steps between admissions (and per stream event)")
+    p.add_argument("--speculate", metavar="ngram|draft:CKPT_DIR", help=SPECULATE_HELP)
+    p.add_argument("--speculate-tokens", type=int, default=4, metavar="K", help="tokens proposed per step")
     p.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $LLAMA_JAX_API_KEY, else none)")
     p.add_argument("--name", help="the model's name in the API (default: the checkpoint directory's name)")
@@ -73,6 +77,8 @@ def parse_args(argv):
     args.adapter = plain[0] if plain else None
     if args.max_waiting < 0:
         p.error("--max-waiting must be >= 0")
+    if problem := check_spec(args.speculate, args.speculate_tokens):
+        p.error(problem)
     args.kv_tokens = args.slots * args.max_len if args.kv_tokens is None else args.kv_tokens
     try:
         check_sizes(slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens, block_size=args.block_size,
@@ -103,6 +109,7 @@ def build(args):
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {config.max_position_embeddings}")
     dtype = jnp.dtype(args.dtype) if args.dtype else checkpoint.dtype
     encoder = encoder_for(checkpoint)
+    draft = open_draft(args.speculate, encoder)
     enable_compilation_cache(cache_home() / "xla")
     start = time.perf_counter()
     mesh = make_mesh(args.mesh) if args.mesh else None
@@ -114,7 +121,8 @@ def build(args):
     engine = PagedEngine(params, config, slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens,
                          block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          prefix_cache=args.prefix_cache, stop_ids=checkpoint.stop_ids,
-                         cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh)
+                         cache_dtype=args.kv_cache or dtype, dtype=dtype, chunk=args.chunk, top_logprobs=5, mesh=mesh,
+                         speculate=proposer(args.speculate, args.speculate_tokens, draft, dtype))
     service = Service(encoder=encoder, scheduler=Scheduler(engine, max_waiting=args.max_waiting),
                       params=engine.params, config=config, dtype=dtype, max_len=args.max_len, name=name,
                       stop_ids=checkpoint.stop_ids, mesh=mesh, adapters=[name for name, _ in args.adapters])

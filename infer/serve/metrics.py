@@ -23,6 +23,8 @@ COUNTERS = {  # engine counter -> (name, help)
     "cached_tokens": ("prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache"),
     "queried_tokens": ("prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache"),
     "preemptions": ("preemptions", "requests preempted when the KV pool ran out"),
+    "proposed_tokens": ("spec_decode_proposed_tokens", "tokens proposed by speculative decoding (--speculate)"),
+    "accepted_tokens": ("spec_decode_accepted_tokens", "proposed tokens the model accepted"),
 }
 
 
@@ -36,6 +38,8 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", text, value=load[key])
         for key, (name, text) in COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=counters.get(key, 0))
+        yield GaugeMetricFamily(f"{PREFIX}_spec_decode_acceptance_rate", "accepted / proposed tokens so far (0: none)",
+                                value=counters["accepted_tokens"] / max(counters["proposed_tokens"], 1))
 
 
 class Metrics:

@@ -10,6 +10,8 @@ from llama_jax.generation.paged_steps import block_size_for, check_sizes, compil
 from llama_jax.generation.penalties import (MAX_LOGIT_BIAS, Counts, PenaltyRows, mask_words, penalize, penalty_rows,
                                              token_counts)
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
+from llama_jax.generation.drafting import DraftModel
+from llama_jax.generation.speculation import NgramProposer, verify_pages
 from llama_jax.generation.scheduler import QueueFull, Scheduler, Ticket, Update
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, decode_step, prefill
 from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows, token_logprobs
@@ -20,5 +22,5 @@ __all__ = [
     "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine",
     "block_size_for", "compile_all", "Request", "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler",
-    "Ticket", "Update", "token_logprobs",
+    "Ticket", "Update", "token_logprobs", "NgramProposer", "verify_pages", "DraftModel",
 ]

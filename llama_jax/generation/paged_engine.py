@@ -40,10 +40,11 @@ from llama_jax.generation.blocks import BlockPool, block_keys, root_key
 from llama_jax.generation.paged_steps import (check_sizes, choose_shape, compile_all, decode_pages, powers_of_two,
                                               prefill_chunk, prefill_shapes)
 from llama_jax.generation.requests import Output, Request, RequestState, Token
-from llama_jax.generation.rows import host_tokens, row_args
-from llama_jax.generation.steps import DecodeState
+from llama_jax.generation.rows import decode_arrays, host_tokens, prefill_arrays, row_args, verify_arrays
+from llama_jax.generation.drafting import DraftModel, Drafter
+from llama_jax.generation.speculation import NgramProposer, verify_pages
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
-                             Pages, init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
+                             init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
                              adapter_count, tree_shardings, unstack_layers)
 
 
@@ -59,17 +60,23 @@ class PagedEngine:
     top_logprobs:     0, or how many most likely tokens (with log-probabilities) to return with every token.
     mesh:             a mesh with axes data/fsdp/tensor: weights as `Engine` lays them out, the pool's heads over
                       tensor.
+    speculate:        an `NgramProposer` (speculation.py) or a `DraftModel` (drafting.py): a step whose decoding
+                      requests have proposals verifies them in one forward instead of `chunk` decode steps; the
+                      tokens are the same either way. (A draft model runs on one device, unsharded.)
     """
 
     def __init__(self, params: Any, config: LlamaConfig, *, slots: int, max_len: int, kv_tokens: int | None = None,
                  block_size: int = 16, max_batch_tokens: int = 512, prefix_cache: bool = True,
                  stop_ids: Sequence[int] = (), cache_dtype=jnp.float32, dtype=jnp.float32, attention: str = "xla",
-                 chunk: int = 4, top_logprobs: int = 0, mesh: jax.sharding.Mesh | None = None):
+                 chunk: int = 4, top_logprobs: int = 0, mesh: jax.sharding.Mesh | None = None,
+                 speculate: NgramProposer | DraftModel | None = None):
         check_attention(attention, dtype)
         kv_tokens = slots * max_len if kv_tokens is None else kv_tokens
         check_sizes(slots=slots, max_len=max_len, kv_tokens=kv_tokens, block_size=block_size,
                     max_batch_tokens=max_batch_tokens, chunk=chunk)
         self.config, self.slots, self.max_len, self.chunk, self.mesh = config, slots, max_len, chunk, mesh
+        self.speculate = speculate
+        self.ahead = max(chunk, 1 + (speculate.k if speculate else 0)) - 1  # tokens fed past a row's last, at most
         self.block_size = block_size
         self.blocks = BlockPool(kv_tokens // block_size + 1, block_size, prefix_cache=prefix_cache)
         per_chunk = chunk_blocks(block_size)
@@ -82,13 +89,17 @@ class PagedEngine:
         self.pool = jax.device_put(pool, None if mesh is None else jax.tree.map(
             lambda a: named_sharding(mesh, POOL_NAMES, a.shape), pool))
         self.adapters = adapter_count(params)  # slots: the base and each adapter
+        self._options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(params) else {}
+        self.drafter = None if not isinstance(speculate, DraftModel) else Drafter(
+            speculate, config, blocks=self.blocks.usable + 1, block_size=block_size, cache_dtype=cache_dtype,
+            dtype=dtype, options=self._options)
         self.is_stop = np.zeros(config.vocab_size, bool)
         self.is_stop[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
 
         static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
-        self._options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(params) else {}
-        self._prefill_fn = jax.jit(functools.partial(prefill_chunk, **static), donate_argnums=(1,))
-        self._decode_fn = jax.jit(functools.partial(decode_pages, **static, width=chunk), donate_argnums=(1,))
+        self._functions = {kind: jax.jit(functools.partial(function, **static), donate_argnums=(1,)) for kind, function
+                           in (("prefill", prefill_chunk), ("decode", functools.partial(decode_pages, width=chunk)),
+                               ("verify", verify_pages))}
         self._programs: dict[tuple, Any] = {}
         self.prefill_shapes = prefill_shapes(max_batch_tokens, slots, max_len)
         self.decode_rows = powers_of_two(slots)
@@ -98,7 +109,8 @@ class PagedEngine:
         self._ids = itertools.count()
         # every key present from the start: another thread may copy it while this one counts
         self.counters = collections.Counter(dict.fromkeys(
-            ("prompt_tokens", "generated_tokens", "cached_tokens", "queried_tokens", "preemptions"), 0))
+            ("prompt_tokens", "generated_tokens", "cached_tokens", "queried_tokens", "preemptions", "proposed_tokens",
+             "accepted_tokens"), 0))
         self.runs = collections.Counter()  # (kind, shape) -> times a program ran
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -181,11 +193,11 @@ class PagedEngine:
             self.running[sequence.sid] = sequence
 
     def _grow(self, decoding: list[RequestState]) -> list[RequestState]:
-        """Blocks for the next `chunk` tokens of each decoding request, preempting the youngest requests when the
-        pool runs out; returns the requests that decode this step."""
+        """Blocks for the next `chunk` tokens (or the proposals verified) of each decoding request, preempting the
+        youngest requests when the pool runs out; returns the requests that decode this step."""
         ready = []
         for sequence in decoding:
-            last = min(len(sequence.tokens) - 1 + self.chunk - 1, sequence.last_position())
+            last = min(len(sequence.tokens) - 1 + self.ahead, sequence.last_position())
             while sequence.sid in self.running:
                 need = last // self.block_size + 1 - len(sequence.blocks)
                 fresh = self.blocks.allocate(max(need, 0))
@@ -204,47 +216,36 @@ class PagedEngine:
         self.counters["preemptions"] += 1
 
     def _prefill(self, prefilling: list[RequestState], outputs: dict[int, list[Token]]) -> None:
-        rows, width = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
-        chosen = prefilling[:rows]
-        tokens = np.zeros((rows, width), np.int32)
-        positions = np.full((rows, width), self.max_len, np.int32)  # padding: never a row's position
-        lengths, steps = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        tables = np.zeros((rows, self.table_len), np.int32)
+        shape = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
+        chosen = prefilling[:shape[0]]
+        args = self._args("prefill", shape, chosen)
+        self.pool, first = self._program("prefill", shape, args)(*args)
+        if self.drafter is not None:
+            self.drafter.prefill(args[2], args[3])
+        pages, first = args[3], host_tokens(first)
         for r, sequence in enumerate(chosen):
-            part = sequence.tokens[sequence.computed:sequence.computed + width]
-            tokens[r, width - len(part):] = part
-            positions[r, width - len(part):] = np.arange(sequence.computed, sequence.computed + len(part))
-            lengths[r] = sequence.computed + len(part)
-            tables[r, :len(sequence.blocks)] = sequence.blocks
-            steps[r] = sequence.emitted
-        seeds, streams, sampling, penalties, history, prompts, adapters = self._rows(chosen, rows)
-        args = (self.params, self.pool, tokens, Pages(tables, positions, lengths), seeds, streams, steps, sampling,
-                penalties, history, prompts, adapters)
-        self.pool, first = self._program("prefill", (rows, width), args)(*args)
-        first = host_tokens(first)
-        for r, sequence in enumerate(chosen):
-            sequence.computed = int(lengths[r])
-            self.counters["prompt_tokens"] += int(np.sum(positions[r] < lengths[r]))
+            sequence.computed = int(pages.lengths[r])
+            self.counters["prompt_tokens"] += int(np.sum(pages.positions[r] < pages.lengths[r]))
             if sequence.computed == len(sequence.tokens):  # its tokens are all in: the next one is sampled
                 self._emit(sequence, first[r][0], outputs)
             self._register(sequence)
 
     def _decode(self, decoding: list[RequestState], outputs: dict[int, list[Token]]) -> None:
+        """Up to `chunk` tokens of each decoding request, or with speculation, when some request has proposals, one
+        verifying forward of them all."""
         rows = next(n for n in self.decode_rows if n >= len(decoding))
-        token, position, steps, limit = (np.zeros(rows, np.int32) for _ in range(4))
-        tables = np.zeros((rows, self.table_len), np.int32)
-        for r, sequence in enumerate(decoding):
-            token[r], position[r] = sequence.tokens[-1], len(sequence.tokens) - 1
-            steps[r], limit[r] = sequence.emitted, sequence.request.max_new_tokens
-            if sequence.request.constraint is not None:  # one token per call: its mask changes with each
-                limit[r] = min(limit[r], sequence.emitted + 1)
-            tables[r, :len(sequence.blocks)] = sequence.blocks
-        done = np.arange(rows) >= len(decoding)
-        seeds, streams, sampling, penalties, history, prompts, adapters = self._rows(decoding, rows)
-        args = (self.params, self.pool, tables, DecodeState(token, position, done, steps), seeds, streams, sampling,
-                penalties, history, prompts, adapters, self.is_stop, limit)
-        self.pool, out = self._program("decode", rows, args)(*args)
-        for sequence, new in zip(decoding, host_tokens(out), strict=False):
+        drafted = ([[]] * len(decoding) if self.speculate is None else
+                   self.drafter.propose(decoding, rows, self.table_len, self.max_len) if self.drafter is not None else
+                   [self.speculate.propose(s.tokens) for s in decoding])
+        proposals = [self._proposal(s, d) for s, d in zip(decoding, drafted, strict=True)]
+        kind = "verify" if any(proposals) else "decode"
+        args = self._args(kind, rows, decoding, proposals)
+        self.pool, out = self._program(kind, rows, args)(*args)
+        for sequence, new, proposal in zip(decoding, host_tokens(out), proposals, strict=False):
+            accepted = len(new) - 1 if proposal else 0
+            sequence.proposed, sequence.accepted = sequence.proposed + len(proposal), sequence.accepted + accepted
+            self.counters["proposed_tokens"] += len(proposal)
+            self.counters["accepted_tokens"] += accepted
             stops = [i for i, t in enumerate(new) if t.id in sequence.request.stop_ids]
             new = new[:stops[0] + 1] if stops else new  # the request's own stop ids end it on the host
             sequence.computed += len(new)
@@ -252,8 +253,28 @@ class PagedEngine:
                 self._emit(sequence, t, outputs)
             self._register(sequence)
 
-    def _rows(self, chosen: list[RequestState], rows: int) -> tuple:
-        return row_args(chosen, rows, self.max_len, self.config.vocab_size)
+    def _proposal(self, sequence: RequestState, drafted: list[int]) -> list[int]:
+        """What is verified of a request's proposed tokens: as many as its blocks and max_new_tokens allow (none for a
+        constrained request: its mask changes with each token)."""
+        if sequence.request.constraint is not None:
+            return []
+        return drafted[:sequence.last_position() - (len(sequence.tokens) - 1)]
+
+    def _args(self, kind: str, shape, chosen: list[RequestState], proposals: Sequence[list[int]] = ()) -> tuple:
+        """A program's arguments for the requests `chosen` in its rows (none: the arrays it is compiled for)."""
+        rows = shape[0] if kind == "prefill" else shape
+        seeds, streams, sampling, penalties, history, prompts, adapters = row_args(chosen, rows, self.max_len,
+                                                                                   self.config.vocab_size)
+        per_row = (seeds, streams, sampling, penalties, history, prompts, adapters)
+        if kind == "prefill":
+            tokens, pages, steps = prefill_arrays(chosen, *shape, self.table_len, self.max_len)
+            return self.params, self.pool, tokens, pages, seeds, streams, steps, *per_row[2:]
+        if kind == "decode":
+            tables, state, limit = decode_arrays(chosen, rows, self.table_len)
+            return self.params, self.pool, tables, state, *per_row, self.is_stop, limit
+        tokens, pages, steps, limit, proposed = verify_arrays(chosen, list(proposals) or [[]] * len(chosen), rows,
+                                                              self.speculate.k + 1, self.table_len, self.max_len)
+        return self.params, self.pool, tokens, pages, seeds, streams, steps, *per_row[2:], self.is_stop, limit, proposed
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
         if sequence.request.constraint is not None:
@@ -284,13 +305,14 @@ class PagedEngine:
                 del self.running[sid]
                 self.blocks.release(sequence.blocks)
             first = sequence.emitted == len(tokens)
-            results.append(Output(sid, tokens, reason, sequence.cached if first else 0))
+            speculated = (sequence.proposed, sequence.accepted) if reason else (0, 0)
+            results.append(Output(sid, tokens, reason, sequence.cached if first else 0, *speculated))
         return results
 
     # -- programs -------------------------------------------------------------------------------------------------
 
     def _program(self, kind: str, shape, args: tuple):
-        """The compiled prefill ((rows, width)) or decode (rows) program, compiled on first use."""
+        """The compiled prefill ((rows, width)), decode or verify (rows) program, compiled on first use."""
         if (kind, shape) not in self._programs:
             self._programs.update(compile_all({(kind, shape): self._lower(kind, args)}, self._options))
         self.runs[kind, shape] += 1
@@ -298,30 +320,23 @@ class PagedEngine:
 
     def _lower(self, kind: str, args: tuple):
         with self._on_mesh():
-            return (self._prefill_fn if kind == "prefill" else self._decode_fn).lower(*args)
+            return self._functions[kind].lower(*args)
 
     def _on_mesh(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def warm_up(self) -> tuple[int, float]:
-        """Compile every prefill and decode shape now, several at once (none is compiled while serving); returns
-        (programs, seconds)."""
+        """Compile every prefill, decode (and verify) shape now, several at once (none is compiled while serving);
+        returns (programs, seconds)."""
         start = time.perf_counter()
-        lowered = {}
-        for rows, width in self.prefill_shapes:
-            zeros = np.zeros((rows, width), np.int32)
-            tables = np.zeros((rows, self.table_len), np.int32)
-            seeds, streams, sampling, penalties, history, prompts, adapters = self._rows([], rows)
-            lowered["prefill", (rows, width)] = self._lower("prefill", (
-                self.params, self.pool, zeros, Pages(tables, zeros, seeds), seeds, streams, seeds, sampling,
-                penalties, history, prompts, adapters))
-        for rows in self.decode_rows:
-            zeros = np.zeros(rows, np.int32)
-            seeds, streams, sampling, penalties, history, prompts, adapters = self._rows([], rows)
-            lowered["decode", rows] = self._lower("decode", (
-                self.params, self.pool, np.zeros((rows, self.table_len), np.int32),
-                DecodeState(zeros, zeros, np.ones(rows, bool), zeros), seeds, streams, sampling, penalties, history,
-                prompts, adapters, self.is_stop, zeros))
-        self._programs.update(compile_all(lowered, self._options))
+        kinds = ("decode", "verify") if self.speculate is not None else ("decode",)
+        shapes = [("prefill", shape) for shape in self.prefill_shapes]
+        shapes += [(kind, rows) for kind in kinds for rows in self.decode_rows]
+        lowered = {(kind, shape): self._lower(kind, self._args(kind, shape, [])) for kind, shape in shapes}
+        if self.drafter is not None:
+            lowered |= self.drafter.lowered(self.prefill_shapes, self.decode_rows, self.table_len)
+        compiled = compile_all(lowered, self._options)
+        self._programs.update({key: compiled[key] for key in compiled if key[0] in self._functions})
+        if self.drafter is not None:
+            self.drafter.compiled(compiled)
         return len(self._programs), time.perf_counter() - start
-
