@@ -28,8 +28,31 @@ from llama_jax.model.quant import QuantArray, input_axes
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+class AdaptedWeight:
+    """A frozen base weight with LoRA factors `a` (`leading` axes before its input axes) and `b`: the model sees the
+    base's shape and dtype, and reshapes both alike."""
+
+    leading = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.base.dtype
+
+    def reshape(self, *shape: int):
+        """Merging input axes only (o's `[heads, head_dim, embed]` -> `[heads * head_dim, embed]`)."""
+        outputs = self.b.ndim - 1 - self.leading
+        if tuple(shape[len(shape) - outputs:]) != tuple(self.base.shape[self.base.ndim - outputs:]):
+            raise ValueError(f"cannot reshape a {self.shape} {type(self).__name__} to {shape}")
+        a = self.a.reshape(*self.a.shape[:self.leading], *shape[:len(shape) - outputs], self.a.shape[-1])
+        return self.replace(base=self.base.reshape(*shape), a=a)
+
+
 @struct.dataclass
-class LoraWeight:
+class LoraWeight(AdaptedWeight):
     """base (frozen; first leaf, so Flax's param shape check sees it), a `[*in, rank]`, b `[rank, *out]`; with
     `dropout` > 0 and a `key` (raw key data `[..., 2]`, per layer when stacked), x is dropped out before a, as PEFT
     does in training."""
@@ -41,51 +64,20 @@ class LoraWeight:
     dropout: float = struct.field(pytree_node=False, default=0.0)
     key: jax.Array | None = None
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.base.shape
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.base.dtype
-
-    def reshape(self, *shape: int) -> LoraWeight:
-        """Merging input axes only (o's `[heads, head_dim, embed]` -> `[heads * head_dim, embed]`)."""
-        return reshape_inputs(self, shape, 0)
-
 
 @struct.dataclass
-class MultiLoraWeight:
+class MultiLoraWeight(AdaptedWeight):
     """Several adapters over one base (first leaf, as LoraWeight's): a `[adapters, *in, rank]`, b `[adapters, rank,
     *out]`, scale float32 `[adapters]` (with stacked layers all with the leading layer axis); slot 0 is zeros (the
     base alone), smaller ranks are zero-padded. ids `[batch]`: each row's slot (None: every row the base alone)."""
+
+    leading = 1
 
     base: jax.Array | QuantArray
     a: jax.Array
     b: jax.Array
     scale: jax.Array
     ids: jax.Array | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.base.shape
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.base.dtype
-
-    def reshape(self, *shape: int) -> MultiLoraWeight:
-        """As LoraWeight's."""
-        return reshape_inputs(self, shape, 1)
-
-
-def reshape_inputs(w: LoraWeight | MultiLoraWeight, shape: tuple[int, ...], lead: int):
-    """`w` with its base reshaped to `shape`, merging input axes only, and `a` (of `lead` leading axes) alike."""
-    outputs = w.b.ndim - 1 - lead
-    if tuple(shape[len(shape) - outputs:]) != tuple(w.base.shape[w.base.ndim - outputs:]):
-        raise ValueError(f"cannot reshape a {w.shape} {type(w).__name__} to {shape}")
-    a = w.a.reshape(*w.a.shape[:lead], *shape[:len(shape) - outputs], w.a.shape[-1])
-    return w.replace(base=w.base.reshape(*shape), a=a)
 
 
 def low_rank(spec: str, x: jax.Array, w: LoraWeight | MultiLoraWeight) -> jax.Array:

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model.lora import LoraWeight, MultiLoraWeight, low_rank
+from llama_jax.model.lora import AdaptedWeight, LoraWeight, MultiLoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
 
 INIT = nn.initializers.normal(0.02)
@@ -38,7 +38,7 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if isinstance(w, (LoraWeight, MultiLoraWeight)):
+    if isinstance(w, AdaptedWeight):
         return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
         out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -58,7 +58,7 @@ def cast(w: jax.Array | QuantArray | LoraWeight | MultiLoraWeight, dtype
          ) -> jax.Array | QuantArray | LoraWeight | MultiLoraWeight:
     """A float weight in the compute dtype; an int8 one stays int8 (`project` converts it inside the dot); a LoRA
     weight's base as such and its factors in the compute dtype (its scales and ids as they are)."""
-    if isinstance(w, (LoraWeight, MultiLoraWeight)):
+    if isinstance(w, AdaptedWeight):
         return w.replace(base=cast(w.base, dtype), a=w.a.astype(dtype), b=w.b.astype(dtype))
     return w if isinstance(w, QuantArray) else w.astype(dtype)
 
