@@ -175,10 +175,10 @@ def attach_many(params: Any, adapters: Sequence[tuple[Any, float]]) -> Any:
     return result
 
 
-def _stacked(factors: list, lead: int, rank_axis: int) -> jax.Array:
+def _stacked(parts: list, lead: int, rank_axis: int) -> jax.Array:
     """One target's factor of each adapter (None: lacks it) `[*layers, *shape]` -> float32 `[*layers, 1 + adapters,
     *shape]`: slot 0 and missing ones zeros, each zero-padded on `rank_axis` to the largest rank (exact)."""
-    arrays = [None if f is None else np.asarray(f, np.float32) for f in factors]
+    arrays = [None if f is None else np.asarray(f, np.float32) for f in parts]
     given = [f for f in arrays if f is not None]
     rank = max(f.shape[rank_axis] for f in given)
     shape = list(given[0].shape)
