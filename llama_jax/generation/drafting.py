@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generation.paged_steps import compile_all
+from llama_jax.generation.paged_steps import Programs
 from llama_jax.generation.requests import RequestState
 from llama_jax.generation.rows import block_tables
 from llama_jax.generation.steps import decode_step
@@ -71,19 +71,19 @@ class Drafter:
                              f"({target.vocab_size})")
         if draft.k < 1:
             raise ValueError(f"a draft model proposes k >= 1 tokens, got {draft.k}")
-        self.k, self.options = draft.k, options
+        self.k = draft.k
         params = jax.device_put(draft.params)
         self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
         self.pool = init_paged_cache(draft.config, blocks, block_size, cache_dtype)
         static = dict(config=draft.config, dtype=dtype)
-        self._functions = {"draft_prefill": jax.jit(functools.partial(draft_prefill, **static), donate_argnums=(1,)),
-                           "propose": jax.jit(functools.partial(draft_propose, **static, k=draft.k),
-                                              donate_argnums=(1,))}
-        self._programs: dict[tuple, Any] = {}
+        self.programs = Programs({"draft_prefill": jax.jit(functools.partial(draft_prefill, **static),
+                                                           donate_argnums=(1,)),
+                                  "propose": jax.jit(functools.partial(draft_propose, **static, k=draft.k),
+                                                     donate_argnums=(1,))}, options)
 
     def prefill(self, tokens: np.ndarray, pages: Pages) -> None:
         """The chunks the engine has just prefilled, into the draft's pool."""
-        self.pool = self._program("draft_prefill", tokens.shape, (tokens, pages))
+        self.pool = self.programs("draft_prefill", tokens.shape, (self.params, self.pool, tokens, pages))
 
     def propose(self, decoding: list[RequestState], rows: int, table_len: int, max_len: int) -> list[list[int]]:
         """k proposals per decoding request (the engine keeps those its blocks and max_new_tokens allow)."""
@@ -97,16 +97,8 @@ class Drafter:
             lengths[r] = len(sequence.tokens)
             room[r] = sequence.last_position() - (len(sequence.tokens) - 1)
         pages = Pages(block_tables(decoding, rows, table_len), positions, lengths)
-        self.pool, proposals = self._program("propose", rows, (tokens, pages, room))
+        self.pool, proposals = self.programs("propose", rows, (self.params, self.pool, tokens, pages, room))
         return np.asarray(proposals)[:len(decoding)].tolist()
-
-    def _program(self, kind: str, shape, args: tuple):
-        if (kind, shape) not in self._programs:
-            self._programs.update(compile_all({(kind, shape): self._lower(kind, args)}, self.options))
-        return self._programs[kind, shape](self.params, self.pool, *args)
-
-    def _lower(self, kind: str, args: tuple):
-        return self._functions[kind].lower(self.params, self.pool, *args)
 
     def lowered(self, prefill_shapes: list[tuple[int, int]], decode_rows: list[int], table_len: int) -> dict:
         """Every program the engine's shapes will need, lowered (for `compile_all`)."""
@@ -114,13 +106,11 @@ class Drafter:
         for rows, width in prefill_shapes:
             zeros = np.zeros((rows, width), np.int32)
             pages = Pages(np.zeros((rows, table_len), np.int32), zeros, np.zeros(rows, np.int32))
-            lowered["draft_prefill", (rows, width)] = self._lower("draft_prefill", (zeros, pages))
+            lowered["draft_prefill", (rows, width)] = self.programs.lower("draft_prefill", (
+                self.params, self.pool, zeros, pages))
         for rows in decode_rows:
             zeros = np.zeros((rows, 2), np.int32)
             pages = Pages(np.zeros((rows, table_len), np.int32), zeros, np.zeros(rows, np.int32))
-            lowered["propose", rows] = self._lower("propose", (zeros, pages, np.zeros(rows, np.int32)))
+            lowered["propose", rows] = self.programs.lower("propose", (
+                self.params, self.pool, zeros, pages, np.zeros(rows, np.int32)))
         return lowered
-
-    def compiled(self, programs: dict) -> None:
-        """Take the compiled programs of `lowered`'s keys."""
-        self._programs.update({key: program for key, program in programs.items() if key[0] in self._functions})

@@ -18,8 +18,9 @@ continues exactly where it was.
 A request's tokens equal `Engine.generate` on its prompt alone with the same settings and seed: its rows's PRNG
 stream and step count go with it, whatever rows, chunks or preemptions it goes through. Beyond what `Engine` does,
 each request may carry a logit bias and penalties (llama_jax.generation.penalties: the counts they need are rebuilt
-from its tokens at every call), its own stop ids, and a constraint (a grammar's allowed tokens, filled into its row's
-mask before every token; such a request decodes one token per call).
+from its tokens at every call), its own stop ids, a constraint (a grammar's allowed tokens, filled into its row's
+mask before every token; such a request decodes one token per call) and a LoRA adapter. With `speculate`, decoding
+requests' proposed tokens are verified in one forward (speculation.py); their tokens are the same.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.generation.blocks import BlockPool, block_keys, root_key
-from llama_jax.generation.paged_steps import (check_sizes, choose_shape, compile_all, decode_pages, powers_of_two,
-                                              prefill_chunk, prefill_shapes)
-from llama_jax.generation.requests import Output, Request, RequestState, Token
+from llama_jax.generation.paged_steps import (Programs, check_sizes, choose_shape, compile_all, decode_pages,
+                                              powers_of_two, prefill_chunk, prefill_shapes)
+from llama_jax.generation.requests import Output, Request, RequestState, Token, check_request
 from llama_jax.generation.rows import decode_arrays, host_tokens, prefill_arrays, row_args, verify_arrays
 from llama_jax.generation.drafting import DraftModel, Drafter
 from llama_jax.generation.speculation import NgramProposer, verify_pages
@@ -83,7 +84,7 @@ class PagedEngine:
         self.table_len = -(-(max_len // block_size) // per_chunk) * per_chunk
         names = param_logical_names(config, unstacked="layers" not in params)
         params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
-        with self._on_mesh():
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
         pool = init_paged_cache(config, self.blocks.usable + 1, block_size, cache_dtype)
         self.pool = jax.device_put(pool, None if mesh is None else jax.tree.map(
@@ -97,10 +98,11 @@ class PagedEngine:
         self.is_stop[[i for i in stop_ids if 0 <= i < config.vocab_size]] = True
 
         static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
-        self._functions = {kind: jax.jit(functools.partial(function, **static), donate_argnums=(1,)) for kind, function
-                           in (("prefill", prefill_chunk), ("decode", functools.partial(decode_pages, width=chunk)),
-                               ("verify", verify_pages))}
-        self._programs: dict[tuple, Any] = {}
+        self.programs = Programs({kind: jax.jit(functools.partial(function, **static), donate_argnums=(1,))
+                                  for kind, function in (("prefill", prefill_chunk), ("verify", verify_pages),
+                                                         ("decode", functools.partial(decode_pages, width=chunk)))},
+                                 self._options, mesh)
+        self.runs = self.programs.runs  # (kind, shape) -> times a program ran
         self.prefill_shapes = prefill_shapes(max_batch_tokens, slots, max_len)
         self.decode_rows = powers_of_two(slots)
 
@@ -111,28 +113,12 @@ class PagedEngine:
         self.counters = collections.Counter(dict.fromkeys(
             ("prompt_tokens", "generated_tokens", "cached_tokens", "queried_tokens", "preemptions", "proposed_tokens",
              "accepted_tokens"), 0))
-        self.runs = collections.Counter()  # (kind, shape) -> times a program ran
 
     # -- requests -------------------------------------------------------------------------------------------------
 
     def check(self, request: Request) -> None:
-        """ValueError unless the request can run: a prompt of ids in the vocabulary, room for its tokens in a row
-        and in the pool."""
-        n = len(request.prompt)
-        if n < 1 or request.max_new_tokens < 1:
-            raise ValueError("a request needs a prompt of at least one token and max_new_tokens >= 1")
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t, _ in request.sampling.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in request.stop_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if not 0 <= request.adapter < self.adapters:
-            raise ValueError(f"adapter {request.adapter} is not one of the engine's {self.adapters} (0: the base)")
-        if n + request.max_new_tokens - 1 > self.max_len:
-            raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={request.max_new_tokens} does not fit the "
-                             f"context of {self.max_len} tokens")
+        """ValueError unless the request can run here (`check_request`)."""
+        check_request(request, self.config.vocab_size, self.adapters, self.max_len)
 
     def add(self, request: Request) -> int:
         """Queue a request (ValueError if it can never run); returns its id."""
@@ -219,7 +205,7 @@ class PagedEngine:
         shape = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
         chosen = prefilling[:shape[0]]
         args = self._args("prefill", shape, chosen)
-        self.pool, first = self._program("prefill", shape, args)(*args)
+        self.pool, first = self.programs("prefill", shape, args)
         if self.drafter is not None:
             self.drafter.prefill(args[2], args[3])
         pages, first = args[3], host_tokens(first)
@@ -240,7 +226,7 @@ class PagedEngine:
         proposals = [self._proposal(s, d) for s, d in zip(decoding, drafted, strict=True)]
         kind = "verify" if any(proposals) else "decode"
         args = self._args(kind, rows, decoding, proposals)
-        self.pool, out = self._program(kind, rows, args)(*args)
+        self.pool, out = self.programs(kind, rows, args)
         for sequence, new, proposal in zip(decoding, host_tokens(out), proposals, strict=False):
             accepted = len(new) - 1 if proposal else 0
             sequence.proposed, sequence.accepted = sequence.proposed + len(proposal), sequence.accepted + accepted
@@ -311,20 +297,6 @@ class PagedEngine:
 
     # -- programs -------------------------------------------------------------------------------------------------
 
-    def _program(self, kind: str, shape, args: tuple):
-        """The compiled prefill ((rows, width)), decode or verify (rows) program, compiled on first use."""
-        if (kind, shape) not in self._programs:
-            self._programs.update(compile_all({(kind, shape): self._lower(kind, args)}, self._options))
-        self.runs[kind, shape] += 1
-        return self._programs[kind, shape]
-
-    def _lower(self, kind: str, args: tuple):
-        with self._on_mesh():
-            return self._functions[kind].lower(*args)
-
-    def _on_mesh(self):
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
     def warm_up(self) -> tuple[int, float]:
         """Compile every prefill, decode (and verify) shape now, several at once (none is compiled while serving);
         returns (programs, seconds)."""
@@ -332,11 +304,10 @@ class PagedEngine:
         kinds = ("decode", "verify") if self.speculate is not None else ("decode",)
         shapes = [("prefill", shape) for shape in self.prefill_shapes]
         shapes += [(kind, rows) for kind in kinds for rows in self.decode_rows]
-        lowered = {(kind, shape): self._lower(kind, self._args(kind, shape, [])) for kind, shape in shapes}
-        if self.drafter is not None:
+        lowered = {(kind, shape): self.programs.lower(kind, self._args(kind, shape, [])) for kind, shape in shapes}
+        if self.drafter is not None:  # compiled together, then each takes its own
             lowered |= self.drafter.lowered(self.prefill_shapes, self.decode_rows, self.table_len)
         compiled = compile_all(lowered, self._options)
-        self._programs.update({key: compiled[key] for key in compiled if key[0] in self._functions})
-        if self.drafter is not None:
-            self.drafter.compiled(compiled)
-        return len(self._programs), time.perf_counter() - start
+        for programs in [self.programs] + ([self.drafter.programs] if self.drafter is not None else []):
+            programs.compiled.update({key: compiled[key] for key in compiled if key[0] in programs.functions})
+        return len(compiled), time.perf_counter() - start

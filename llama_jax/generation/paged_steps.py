@@ -12,7 +12,9 @@ params' `MultiLoraWeight`s, 0 the base) and token limit. Unused rows have length
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import os
 
 import jax
@@ -95,6 +97,30 @@ def compile_all(lowered: dict, options: dict | None = None) -> dict:
     with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1) or 1) as pool:
         compiled = pool.map(lambda program: program.compile(compiler_options=options or {}), lowered.values())
         return dict(zip(lowered, compiled, strict=True))
+
+
+class Programs:
+    """Jitted functions by kind, each compiled once per (kind, shape): on first use, or ahead (`compile`, several at
+    once); on `mesh` when given. `runs` counts the calls of each (kind, shape)."""
+
+    def __init__(self, functions: dict, options: dict, mesh: jax.sharding.Mesh | None = None):
+        self.functions, self.options, self.mesh = functions, options, mesh
+        self.compiled: dict[tuple, object] = {}
+        self.runs: collections.Counter = collections.Counter()
+
+    def __call__(self, kind: str, shape, args: tuple):
+        if (kind, shape) not in self.compiled:
+            self.compile({(kind, shape): self.lower(kind, args)})
+        self.runs[kind, shape] += 1
+        return self.compiled[kind, shape](*args)
+
+    def lower(self, kind: str, args: tuple):
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            return self.functions[kind].lower(*args)
+
+    def compile(self, lowered: dict) -> None:
+        """Compile `{(kind, shape): lowered}`, of this object's kinds."""
+        self.compiled.update(compile_all(lowered, self.options))
 
 
 def check_sizes(*, slots: int, max_len: int, kv_tokens: int, block_size: int, max_batch_tokens: int,

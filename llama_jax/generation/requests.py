@@ -72,3 +72,22 @@ class RequestState:
     def last_position(self) -> int:
         """The position of the last token it can ever feed: prompt + max_new_tokens - 1 tokens in all."""
         return len(self.request.prompt) + self.request.max_new_tokens - 2
+
+
+def check_request(request: Request, vocab: int, adapters: int, max_len: int) -> None:
+    """ValueError unless the request can run on an engine of this vocabulary, adapters (slots, 0 the base) and
+    tokens per request: a prompt of ids in the vocabulary, room for its tokens in a row."""
+    n = len(request.prompt)
+    if n < 1 or request.max_new_tokens < 1:
+        raise ValueError("a request needs a prompt of at least one token and max_new_tokens >= 1")
+    if any(not 0 <= t < vocab for t in request.prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    if any(not 0 <= t < vocab for t, _ in request.sampling.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+    if any(not 0 <= t < vocab for t in request.stop_ids):
+        raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+    if not 0 <= request.adapter < adapters:
+        raise ValueError(f"adapter {request.adapter} is not one of the engine's {adapters} (0: the base)")
+    if n + request.max_new_tokens - 1 > max_len:
+        raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={request.max_new_tokens} does not fit the "
+                         f"context of {max_len} tokens")
