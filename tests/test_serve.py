@@ -34,12 +34,17 @@ def free_port() -> int:
 def server(smollm2_checkpoint):
     """`python -m infer.serve` on SmolLM2. Time (~60 s): the server compiles every shape before it says ready, as
     it does for users: 3 prefill shapes (--max-batch-tokens 128), 4 decode row counts and 4 prompt scorers."""
+    yield from start_server(smollm2_checkpoint, ["--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-waiting",
+                                                 str(WAITING), "--api-key", KEY, "--name", "smol",
+                                                 "--max-batch-tokens", "128"])
+
+
+def start_server(checkpoint, options: list[str]):
+    """A fixture's body: `python -m infer.serve CHECKPOINT OPTIONS` on a free port, once it says ready; yields
+    (process, base URL, its stderr lines so far and to come) and kills it after."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "infer.serve", str(smollm2_checkpoint), "--port", str(port), "--slots", str(SLOTS),
-         "--max-len", str(MAX_LEN), "--max-waiting", str(WAITING), "--api-key", KEY, "--name", "smol",
-         "--max-batch-tokens", "128"],
-        stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "infer.serve", str(checkpoint), "--port", str(port), *options],
+                               stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -176,8 +181,8 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, client):
     ({"model": "smol", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "smol", "prompt": [99999999]}, 400, "token ids"),
     ({"model": "other", "prompt": "x"}, 404, "does not exist"),
-    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-     "tool"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, 400, "tools: this model's chat template does not render tools"),
     ({"model": "smol", "messages": []}, 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, match):

@@ -21,6 +21,7 @@ from infer.serve.format import chat_logprobs, completion_logprobs, token_text, u
 from infer.serve.protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Sampling,
                                    TokenizeRequest)
 from infer.serve.service import Piece, Service
+from infer.serve.tools import CallBuffer, answer, call_deltas, plan
 
 POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
@@ -98,31 +99,38 @@ def make_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         check(body)
-        ids = service.chat_ids(body.messages)
-        runs = await service.choices(ids, body, service.budget(ids, body), seed_of(body))
+        tools = plan(body, service.grammars, service.encoder.takes_tools)
+        ids = service.chat_ids(body.messages, tools.specs)
+        runs = await service.choices(ids, body, service.budget(ids, body), seed_of(body), tools.grammar)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or service.name}
         if body.stream:
-            return sse(chat_stream(runs, meta, body, len(ids)))
+            return sse(chat_stream(runs, meta, body, len(ids), tools.names))
         results = await asyncio.gather(*(collect(run, request) for run in runs))
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+        choices = [{"index": i, **answer(text, reason, tools.names),
                     "logprobs": None if body.top() is None else chat_logprobs(service.encoder, tokens, body.top())}
                    for i, (text, tokens, reason) in enumerate(results)]
         return {**meta, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(ids), sum(len(tokens) for _, tokens, _ in results))}
 
-    async def chat_stream(runs, meta, body: ChatRequest, prompt_tokens: int) -> AsyncIterator[dict]:
+    async def chat_stream(runs, meta, body: ChatRequest, prompt_tokens: int, names: frozenset[str]
+                          ) -> AsyncIterator[dict]:
+        """Chunks of each choice's text, or of its tool calls (of `names`) once its end shows that it is calls."""
         chunk = {**meta, "object": "chat.completion.chunk"}
         for index in range(len(runs)):
-            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}
+            choice = {"index": index, "delta": {"role": "assistant", "content": None if names else ""},
+                      "logprobs": None, "finish_reason": None}  # (OpenAI's null content where calls may come)
             yield {**chunk, "choices": [choice]}
-        count = 0
+        count, buffers = 0, [CallBuffer(names) for _ in runs]
         async for index, piece in merged(runs):
             count += len(piece.tokens)
+            if (ready := buffers[index].push(piece)) is None:
+                continue
+            piece, calls = ready
             logprobs = None if body.top() is None else chat_logprobs(service.encoder, piece.tokens, body.top())
-            delta = {"content": piece.text} if piece.text else {}
-            yield {**chunk, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": piece.finish_reason}]}
+            deltas = call_deltas(calls) if calls else [{"content": piece.text} if piece.text else {}]
+            for k, delta in enumerate(deltas):
+                yield {**chunk, "choices": [{"index": index, "delta": delta, "logprobs": None if k else logprobs,
+                                             "finish_reason": piece.finish_reason if k == len(deltas) - 1 else None}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**chunk, "choices": [], "usage": usage(prompt_tokens, count)}
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llama_jax.generation import MAX_LOGIT_BIAS
 
@@ -44,13 +45,76 @@ class TextPart(BaseModel):
     text: str
 
 
+class Lenient(BaseModel):
+    """A part of a request body: unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Function(Lenient):
+    """A tool's function: its name and the JSON schema of its arguments (none: it takes no arguments)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(Lenient):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(Lenient):
+    name: str
+
+
+class NamedToolChoice(Lenient):
+    """tool_choice {"type": "function", "function": {"name": ...}}: this function must be called."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(FunctionName):
+    arguments: str
+
+
+class ToolCall(Lenient):
+    """A call the assistant made earlier in the conversation, as the server returned it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's answer: to this call
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def turn(self) -> dict:
+        """The message as chat templates get it (transformers' conventions): developer as system, null content as
+        "", a call's arguments as the object they encode (the string itself when they are not JSON)."""
+        turn = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
 
 
 class Sampling(BaseModel):
@@ -108,18 +172,38 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list | None = None
-    tool_choice: object = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list | None = None
 
     def check(self) -> None:
         super().check()
-        if self.tools or self.functions or self.tool_choice not in (None, "none"):
-            raise unsupported("tools", "tool calling")
+        if self.functions:
+            raise unsupported("functions", "the legacy functions field (send tools)")
+        self.forced_tools()
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.max_tokens == 0:
             raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools one of which the answer must call (tool_choice "required" or a named function), else None;
+        ApiError 400 naming the field for a tool_choice that cannot be met."""
+        tools, choice = self.tools or [], self.tool_choice
+        names = [t.function.name for t in tools]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "tools: each function needs its own name", param="tools")
+        if choice not in (None, "none") and not tools:
+            raise ApiError(400, f"tool_choice: {choice_text(choice)} needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(400, f"tool_choice: no function named {choice.function.name!r} in tools",
+                           param="tool_choice")
+        if choice != "required" and not isinstance(choice, NamedToolChoice):
+            return None
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise ApiError(400, f"response_format: cannot be combined with tool_choice {choice_text(choice)}",
+                           param="response_format")
+        return tools if choice == "required" else [tools[names.index(choice.function.name)]]
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -157,6 +241,19 @@ class CompletionRequest(Sampling):
         if not self.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         return list(self.prompt)
+
+
+def json_or_text(text: str) -> object:
+    """The value `text` encodes in JSON, or `text` itself when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def choice_text(choice: str | NamedToolChoice) -> str:
+    """A tool_choice as error messages name it."""
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
 
 
 class TokenizeRequest(BaseModel):

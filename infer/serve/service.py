@@ -75,10 +75,9 @@ class Service:
         self._score = jax.jit(functools.partial(adapter_logprobs, config=config, dtype=dtype, top=MAX_TOP))
         self._scorers: dict[int, object] = {}  # padded prompt length -> compiled scorer
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def chat_ids(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         try:
-            return self.encoder.render(turns, add_generation_prompt=True)
+            return self.encoder.render([m.turn() for m in messages], add_generation_prompt=True, tools=tools)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
 
@@ -124,11 +123,13 @@ class Service:
                               frequency_penalty=body.frequency_penalty or 0.0,
                               repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias)
 
-    async def choices(self, ids: list[int], body: Sampling, max_tokens: int, seed: int) -> list[AsyncIterator[Piece]]:
-        """`body.n` choices of one prompt (streams 0..n-1 of the seed). The others are queued once the first has
-        its first token: its prompt is then in the prefix cache, and they prefill only its last, partial block."""
+    async def choices(self, ids: list[int], body: Sampling, max_tokens: int, seed: int, grammar: str | None = None
+                      ) -> list[AsyncIterator[Piece]]:
+        """`body.n` choices of one prompt (streams 0..n-1 of the seed), constrained by `grammar` (a forced tool
+        call's) or else by the response_format. The others are queued once the first has its first token: its
+        prompt is then in the prefix cache, and they prefill only its last, partial block."""
         try:  # (a 400 before anything is queued)
-            grammar = self.grammars.grammar(body.response_format)
+            grammar = grammar or self.grammars.grammar(body.response_format)
         except ValueError as e:
             raise ApiError(400, str(e), param="response_format") from None
         first = self.generate(ids, body, max_tokens, seed, grammar=grammar)
