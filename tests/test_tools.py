@@ -28,7 +28,7 @@ KEY, NAME, VOCAB = "test-key", "tiny-tools", 128256
 BOS, EOT, EOM, END_OF_TEXT = 128000, 128009, 128008, 128001
 # Llama 3.1's conventions (Meta's 3.1 Instruct template): tools as JSON in the first user message with the
 # instruction to answer {"name", "parameters"}, "Environment: ipython" in the system turn, an earlier call rendered as
-# that JSON, a tool's answer as an `ipython` turn.
+# that JSON, a tool's answer as an `ipython` turn (each tool on one line here, not indented: shorter prompts).
 LLAMA31_TOOLS_TEMPLATE = (
     "{{- bos_token }}{%- if tools is not defined %}{%- set tools = none %}{%- endif %}"
     "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] | trim %}"
@@ -41,7 +41,7 @@ LLAMA31_TOOLS_TEMPLATE = (
     "function call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
     "{\"name\": function name, \"parameters\": dictionary of argument name and its value}. "
     "Do not use variables.\n\n' }}"
-    "{%- for tool in tools %}{{- tool | tojson(indent=4) + '\n\n' }}{%- endfor %}"
+    "{%- for tool in tools %}{{- tool | tojson + '\n\n' }}{%- endfor %}"
     "{{- messages[0]['content'] | trim + '<|eot_id|>' }}{%- set messages = messages[1:] %}"
     "{%- endif %}"
     "{%- for message in messages %}"
@@ -119,8 +119,8 @@ def encoder(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    """The server on the tiny model. Time (~10 s on an idle machine): 11 programs compiled before it is ready."""
-    yield from start_server(checkpoint, ["--slots", "2", "--max-len", "768", "--max-batch-tokens", "128",
+    """The server on the tiny model. Time (~10 s on an idle machine): 10 programs compiled before it is ready."""
+    yield from start_server(checkpoint, ["--slots", "2", "--max-len", "512", "--max-batch-tokens", "128",
                                          "--api-key", KEY, "--name", NAME])
 
 
