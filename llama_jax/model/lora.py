@@ -82,29 +82,40 @@ class MultiLoraWeight(AdaptedWeight):
 
 def low_rank(spec: str, x: jax.Array, w: LoraWeight | MultiLoraWeight) -> jax.Array:
     """`scale * (x a) b` for `jnp.einsum(spec, x, W)` (`spec` puts W's output axes last, as `project` requires),
-    accumulated in float32: x `[batch, ..., *in]` -> float32 `[batch, ..., *out]`; with a MultiLoraWeight, each row
-    of x with its own adapter's a, b and scale (0 without ids)."""
+    accumulated in float32: x `[batch, seq, ..., *in]` -> float32 `[batch, seq, ..., *out]`; with a MultiLoraWeight,
+    each row of x with its own adapter's a, b and scale (0 without ids). A decode step (seq 1) reads every adapter's
+    factors once and masks the others' out; a longer x (a prefill) gathers each row's own, once for all its tokens
+    (computing every adapter's would multiply the low-rank FLOPs by their number)."""
     if isinstance(w, MultiLoraWeight):
         if w.ids is None:
             return jnp.zeros((), jnp.float32)
-        h = factors(spec, x, w.a[w.ids], w.b[w.ids], rows=True)
+        if x.shape[1] == 1:
+            h = factors(spec, x, w.a, w.b, mask=jax.nn.one_hot(w.ids, w.scale.shape[-1], dtype=jnp.float32))
+        else:
+            h = factors(spec, x, w.a[w.ids], w.b[w.ids], per_row=True)
         return w.scale[w.ids].reshape(-1, *(1,) * (h.ndim - 1)) * h
     if w.dropout > 0 and w.key is not None:
         keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1 - w.dropout, x.shape)
         x = jnp.where(keep, x / (1 - w.dropout), 0).astype(x.dtype)
-    return w.scale * factors(spec, x, w.a, w.b, rows=False)
+    return w.scale * factors(spec, x, w.a, w.b)
 
 
-def factors(spec: str, x: jax.Array, a: jax.Array, b: jax.Array, *, rows: bool) -> jax.Array:
-    """`(x a) b` in float32 for `jnp.einsum(spec, x, W)`; `rows`: a and b have a leading batch axis (x's first)."""
+def factors(spec: str, x: jax.Array, a: jax.Array, b: jax.Array, *, per_row: bool = False,
+            mask: jax.Array | None = None) -> jax.Array:
+    """`(x a) b` in float32 for `jnp.einsum(spec, x, W)`. per_row: a and b lead with x's first (batch) axis, each
+    row its own; mask `[batch, n]`: a and b lead with an axis of n adapters, each row summing over them weighted by
+    its mask row (a one-hot row: that adapter's exactly)."""
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
     contracted = "".join(c for c in w_axes if c in x_axes)
     kept = "".join(c for c in x_axes if c not in contracted)
-    r = next(c for c in "rzyxwq" if c not in spec)
-    batch = x_axes[0] if rows else ""
-    h = jnp.einsum(f"{x_axes},{batch}{contracted}{r}->{kept}{r}", x, a, preferred_element_type=jnp.float32)
-    return jnp.einsum(f"{kept}{r},{batch}{r}{w_axes.replace(contracted, '')}->{out}", h.astype(x.dtype), b,
+    r, n = next(c for c in "rzyxwq" if c not in spec), next(c for c in "nmlkji" if c not in spec)
+    lead = x_axes[0] if per_row else n if mask is not None else ""
+    inner = n if mask is not None else ""  # h's axis of adapters, masked
+    h = jnp.einsum(f"{x_axes},{lead}{contracted}{r}->{kept}{inner}{r}", x, a, preferred_element_type=jnp.float32)
+    if mask is not None:
+        h = h * mask.reshape(mask.shape[0], *(1,) * (h.ndim - 3), mask.shape[1], 1)
+    return jnp.einsum(f"{kept}{inner}{r},{lead}{r}{w_axes.replace(contracted, '')}->{out}", h.astype(x.dtype), b,
                       preferred_element_type=jnp.float32)
 
 
