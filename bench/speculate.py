@@ -1,11 +1,12 @@
-"""python -m bench.speculate [CKPT_DIR] [--tokens 128] [--rounds 2] [--k 4 8]
+"""python -m bench.speculate [CKPT_DIR] [--tokens 160] [--rounds 2] [--k 4 8]
 
 What n-gram speculation (prompt lookup) gains on copy-heavy requests: SmolLM2 chat prompts that ask to repeat a
-passage, to edit a code block and to correct a text, one request at a time, greedy. Each prompt's decode tokens/s
-(the tokens after the first over the time after the first) through: the batch `Engine` at batch 1 (what `infer`
-runs), the serving engine without speculation (4 decode steps per call, as the server runs), and with
-`--speculate ngram` at each k. The tokens are checked equal to plain decoding's. Interleaved rounds, best of each;
-prints a markdown table with each row against the batch Engine in the same run.
+passage, to rewrite it with one word replaced and to add a docstring to a function, one request at a time, greedy.
+Each prompt's decode tokens/s (the tokens after the first over the time after the first) through: the batch
+`Engine` at batch 1 (what `infer` runs), the serving engine without speculation (4 decode steps per call, as the
+server runs), and with `--speculate ngram` at each k, with the share of proposed tokens accepted. The tokens are
+checked equal to plain decoding's. Interleaved rounds, best of each; prints a markdown table with each row against
+the batch Engine in the same run.
 """
 
 from __future__ import annotations
@@ -34,21 +35,13 @@ CODE = '''def mean_and_spread(values):
 
 
 def prompts() -> dict[str, str]:
-    """Three copy-heavy requests (the passage: a paragraph of the Apache licence Debian ships)."""
-    passage = " ".join(LICENCE.read_text().split("\n\n")[3].split())
-    typos = passage.replace("the ", "teh ", 3).replace("which", "wich")
+    """Three copy-heavy requests (the passage: the Apache licence's first definitions, as Debian ships it)."""
+    passage = " ".join(" ".join(p.split()) for p in LICENCE.read_text().split("\n\n")[3:7])
     return {"repeat a passage": f"Repeat this passage exactly, word for word:\n\n{passage}",
-            "rename in code": f"Rename the variable `total` to `acc` in this function and give the whole function:"
-                              f"\n\n```python\n{CODE}```",
-            "correct a text": "Correct the spelling mistakes in this text and give the whole corrected text:\n\n"
-                              + typos}
-
-
-def timed(run) -> tuple[list[int], float]:
-    """(tokens, decode tokens/s) of one request: `run(on_token)` calls on_token(n) as tokens arrive."""
-    stamps: list[float] = []
-    tokens = run(lambda n: stamps.extend([time.perf_counter()] * n))
-    return tokens, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+            "replace a word": "Rewrite this passage with the word \"License\" replaced by \"Agreement\", and change "
+                              f"nothing else:\n\n{passage}",
+            "docstring for code": f"Here is a Python function:\n\n```python\n{CODE}```\n\nAdd a docstring to it and "
+                                  "give the whole function."}
 
 
 def through_engine(engine: Engine, ids: list[int], new: int, stop_ids) -> tuple[list[int], float]:
@@ -57,22 +50,23 @@ def through_engine(engine: Engine, ids: list[int], new: int, stop_ids) -> tuple[
     return result.completions[0].tokens, result.decode_tokens_per_s
 
 
-def through_paged(engine: PagedEngine, ids: list[int], new: int):
-    def run(on_token):
-        engine.add(Request(ids, new))
-        tokens = []
-        while engine.running or engine.waiting:
-            for out in engine.step():
-                tokens += [t.id for t in out.tokens]
-                on_token(len(out.tokens))
-        return tokens
-    return run
+def through_paged(engine: PagedEngine, ids: list[int], new: int) -> tuple[list[int], float, float]:
+    """(tokens, decode tokens/s, the share of proposed tokens accepted) through the serving engine."""
+    engine.add(Request(ids, new))
+    tokens, stamps, accepted = [], [], 0.0
+    while engine.running or engine.waiting:
+        for out in engine.step():
+            tokens += [t.id for t in out.tokens]
+            stamps += [time.perf_counter()] * len(out.tokens)
+            if out.finish_reason:
+                accepted = out.accepted / max(out.proposed, 1)
+    return tokens, (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), accepted
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?")
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=160)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--k", type=int, nargs="+", default=[4, 8])
     args = p.parse_args(argv)
@@ -90,24 +84,23 @@ def main(argv=None) -> int:
         engine.warm_up()
     best: dict[tuple[str, str], float] = {}
     made: dict[str, int] = {}
+    accepted: dict[tuple[str, str], float] = {}
     for _ in range(args.rounds):
         for prompt, ids in requests.items():
             tokens, rate = through_engine(batch, ids, args.tokens, stop_ids)
             best[prompt, "batch Engine b1"] = max(best.get((prompt, "batch Engine b1"), 0), rate)
             made[prompt] = len(tokens)
             for name, engine in engines.items():
-                got, rate = timed(through_paged(engine, ids, args.tokens))
+                got, rate, accepted[prompt, name] = through_paged(engine, ids, args.tokens)
                 assert got == tokens, (prompt, name)
                 best[prompt, name] = max(best.get((prompt, name), 0), rate)
-    accepted = {name: e.counters["accepted_tokens"] / max(e.counters["proposed_tokens"], 1)
-                for name, e in engines.items() if e.speculate}
     rows = []
     for prompt in requests:
         base = best[prompt, "batch Engine b1"]
         for name in ["batch Engine b1", *engines]:
             rate = best[prompt, name]
             rows.append([prompt, str(made[prompt]), name, f"{rate:.1f}", f"{rate / base:.2f}x",
-                         f"{accepted[name]:.0%}" if name in accepted else ""])
+                         f"{accepted[prompt, name]:.0%}" if engines.get(name) and engines[name].speculate else ""])
     print(md_table(["request", "tokens", "decoding", "tokens/s", "/ Engine b1", "accepted"], rows))
     print(json.dumps({f"{prompt} | {name}": rate for (prompt, name), rate in best.items()}))
     return 0
