@@ -21,7 +21,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"
-SLOTS, MAX_LEN, WAITING = 8, 128, 32
+SLOTS, MAX_LEN, WAITING = 4, 128, 32
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ def free_port() -> int:
 def server(smollm2_checkpoint):
     """`python -m infer.serve` on SmolLM2, with n-gram speculation (lossless: every test here that compares with a
     reference checks it too). Time (~80 s): the server compiles every shape before it says ready, as it does for
-    users: 3 prefill shapes (--max-batch-tokens 128), 4 decode and 4 verify row counts and 4 prompt scorers."""
+    users: 3 prefill shapes (--max-batch-tokens 128), 3 decode and 3 verify row counts and 4 prompt scorers."""
     yield from start_server(smollm2_checkpoint, ["--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-waiting",
                                                  str(WAITING), "--api-key", KEY, "--name", "smol",
                                                  "--max-batch-tokens", "128", "--speculate", "ngram"])
@@ -141,7 +141,7 @@ def prompts_for(i):
 
 def test_32_concurrent_requests_each_equal_to_it_alone(server, client):
     """16 different requests (greedy and seeded sampling, prompts of 4 to 16 tokens, 2 to 10 new tokens), each sent
-    twice at once: 32 concurrent requests over 8 slots, each equal to the request sent alone. Time (~15 s): the 16
+    twice at once: 32 concurrent requests over 4 slots, each equal to the request sent alone. Time (~15 s): the 16
     requests alone, then the 32 at once."""
     requests = [dict(model="smol", prompt=prompts_for(i), max_tokens=2 + (i * 5) % 9,
                      **(dict(temperature=0) if i % 2 else dict(temperature=0.9, top_p=0.9, seed=i))) for i in range(16)]
