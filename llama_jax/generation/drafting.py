@@ -21,7 +21,7 @@ import numpy as np
 
 from llama_jax.generation.paged_steps import Programs
 from llama_jax.generation.requests import RequestState
-from llama_jax.generation.rows import block_tables
+from llama_jax.generation.rows import block_tables, prefill_arrays
 from llama_jax.generation.steps import decode_step
 from llama_jax.model import LlamaConfig, PagedCache, Pages, forward, init_paged_cache, unstack_layers
 
@@ -87,30 +87,34 @@ class Drafter:
 
     def propose(self, decoding: list[RequestState], rows: int, table_len: int, max_len: int) -> list[list[int]]:
         """k proposals per decoding request (the engine keeps those its blocks and max_new_tokens allow)."""
-        tokens = np.zeros((rows, 2), np.int32)
-        positions = np.full((rows, 2), max_len, np.int32)
-        lengths, room = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        for r, sequence in enumerate(decoding):
-            last = sequence.tokens[-2:]
-            tokens[r, 2 - len(last):] = last
-            positions[r, 2 - len(last):] = np.arange(len(sequence.tokens) - len(last), len(sequence.tokens))
-            lengths[r] = len(sequence.tokens)
-            room[r] = sequence.last_position() - (len(sequence.tokens) - 1)
-        pages = Pages(block_tables(decoding, rows, table_len), positions, lengths)
-        self.pool, proposals = self.programs("propose", rows, (self.params, self.pool, tokens, pages, room))
+        args = propose_arrays(decoding, rows, table_len, max_len)
+        self.pool, proposals = self.programs("propose", rows, (self.params, self.pool, *args))
         return np.asarray(proposals)[:len(decoding)].tolist()
 
-    def lowered(self, prefill_shapes: list[tuple[int, int]], decode_rows: list[int], table_len: int) -> dict:
+    def lowered(self, prefill_shapes: list[tuple[int, int]], decode_rows: list[int], table_len: int,
+                max_len: int) -> dict:
         """Every program the engine's shapes will need, lowered (for `compile_all`)."""
         lowered = {}
         for rows, width in prefill_shapes:
-            zeros = np.zeros((rows, width), np.int32)
-            pages = Pages(np.zeros((rows, table_len), np.int32), zeros, np.zeros(rows, np.int32))
-            lowered["draft_prefill", (rows, width)] = self.programs.lower("draft_prefill", (
-                self.params, self.pool, zeros, pages))
+            tokens, pages, _ = prefill_arrays([], rows, width, table_len, max_len)
+            lowered["draft_prefill", (rows, width)] = self.programs.lower(
+                "draft_prefill", (self.params, self.pool, tokens, pages))
         for rows in decode_rows:
-            zeros = np.zeros((rows, 2), np.int32)
-            pages = Pages(np.zeros((rows, table_len), np.int32), zeros, np.zeros(rows, np.int32))
-            lowered["propose", rows] = self.programs.lower("propose", (
-                self.params, self.pool, zeros, pages, np.zeros(rows, np.int32)))
+            lowered["propose", rows] = self.programs.lower(
+                "propose", (self.params, self.pool, *propose_arrays([], rows, table_len, max_len)))
         return lowered
+
+
+def propose_arrays(decoding: list[RequestState], rows: int, table_len: int, max_len: int
+                   ) -> tuple[np.ndarray, Pages, np.ndarray]:
+    """For `draft_propose`: each request's last two tokens, left padded `[rows, 2]`, their Pages (padding at position
+    max_len) and the tokens each may feed after its last `[rows]` (with no requests: the arrays it is compiled for)."""
+    tokens = np.zeros((rows, 2), np.int32)
+    positions = np.full((rows, 2), max_len, np.int32)
+    lengths, room = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    for r, sequence in enumerate(decoding):
+        last = sequence.tokens[-2:]
+        tokens[r, 2 - len(last):] = last
+        positions[r, 2 - len(last):] = np.arange(len(sequence.tokens) - len(last), len(sequence.tokens))
+        lengths[r], room[r] = len(sequence.tokens), sequence.room()
+    return tokens, Pages(block_tables(decoding, rows, table_len), positions, lengths), room

@@ -244,22 +244,21 @@ class PagedEngine:
         constrained request: its mask changes with each token)."""
         if sequence.request.constraint is not None:
             return []
-        return drafted[:sequence.last_position() - (len(sequence.tokens) - 1)]
+        return drafted[:sequence.room()]
 
     def _args(self, kind: str, shape, chosen: list[RequestState], proposals: Sequence[list[int]] = ()) -> tuple:
         """A program's arguments for the requests `chosen` in its rows (none: the arrays it is compiled for)."""
         rows = shape[0] if kind == "prefill" else shape
-        seeds, streams, sampling, penalties, history, prompts, adapters = row_args(chosen, rows, self.max_len,
-                                                                                   self.config.vocab_size)
-        per_row = (seeds, streams, sampling, penalties, history, prompts, adapters)
+        per_row = row_args(chosen, rows, self.max_len, self.config.vocab_size)  # seeds, streams, sampling, ...
+        seeds, streams = per_row[:2]
         if kind == "prefill":
             tokens, pages, steps = prefill_arrays(chosen, *shape, self.table_len, self.max_len)
             return self.params, self.pool, tokens, pages, seeds, streams, steps, *per_row[2:]
         if kind == "decode":
             tables, state, limit = decode_arrays(chosen, rows, self.table_len)
             return self.params, self.pool, tables, state, *per_row, self.is_stop, limit
-        tokens, pages, steps, limit, proposed = verify_arrays(chosen, list(proposals) or [[]] * len(chosen), rows,
-                                                              self.speculate.k + 1, self.table_len, self.max_len)
+        tokens, pages, steps, limit, proposed = verify_arrays(chosen, list(proposals), rows, self.speculate.k + 1,
+                                                              self.table_len, self.max_len)
         return self.params, self.pool, tokens, pages, seeds, streams, steps, *per_row[2:], self.is_stop, limit, proposed
 
     def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
@@ -306,7 +305,7 @@ class PagedEngine:
         shapes += [(kind, rows) for kind in kinds for rows in self.decode_rows]
         lowered = {(kind, shape): self.programs.lower(kind, self._args(kind, shape, [])) for kind, shape in shapes}
         if self.drafter is not None:  # compiled together, then each takes its own
-            lowered |= self.drafter.lowered(self.prefill_shapes, self.decode_rows, self.table_len)
+            lowered |= self.drafter.lowered(self.prefill_shapes, self.decode_rows, self.table_len, self.max_len)
         compiled = compile_all(lowered, self._options)
         for programs in [self.programs] + ([self.drafter.programs] if self.drafter is not None else []):
             programs.compiled.update({key: compiled[key] for key in compiled if key[0] in programs.functions})

@@ -73,6 +73,10 @@ class RequestState:
         """The position of the last token it can ever feed: prompt + max_new_tokens - 1 tokens in all."""
         return len(self.request.prompt) + self.request.max_new_tokens - 2
 
+    def room(self) -> int:
+        """Tokens it may still feed after its last one (so many proposals can be verified)."""
+        return self.last_position() - (len(self.tokens) - 1)
+
 
 def check_request(request: Request, vocab: int, adapters: int, max_len: int) -> None:
     """ValueError unless the request can run on an engine of this vocabulary, adapters (slots, 0 the base) and
