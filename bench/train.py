@@ -26,10 +26,11 @@ def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.
 class OurTrainStep:
     """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute.
     With `lora`: the params are the frozen base (cast to `dtype` and split per layer, as `train --lora-rank` keeps
-    it) and the state holds fresh adapters."""
+    it) and the state holds fresh adapters. vocab_chunk: the loss's (default `next_token_loss`'s)."""
 
     def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
-                 attention: str = "xla", copy_params: bool = True, lora: LoraConfig | None = None):
+                 attention: str = "xla", copy_params: bool = True, lora: LoraConfig | None = None,
+                 vocab_chunk: int | None = None):
         optimizer = make_optimizer(OPTIMIZER)
         tokens = token_batch(config.vocab_size, batch, seq_len)
         mask = np.ones_like(tokens, np.float32)
@@ -46,7 +47,8 @@ class OurTrainStep:
             self.state = init_state(adapters, optimizer)
         step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
                                          schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat,
-                                         attention=attention, lora_scale=1.0 if lora is None else lora.scale),
+                                         attention=attention, lora_scale=1.0 if lora is None else lora.scale,
+                                         **({} if vocab_chunk is None else {"vocab_chunk": vocab_chunk})),
                        donate_argnums=0)
         start = time.perf_counter()
         self.step = step.lower(self.state, self.batch, self.frozen).compile()

@@ -18,6 +18,7 @@ weight before its matmul, every step, which costs a decode step about a fifth of
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -76,6 +77,7 @@ class Llama(nn.Module):
     scan_layers: bool = True  # params stacked under `layers` (one nn.scan), or one `layer_{i}` each (unrolled)
     attention: str = "xla"  # see llama_jax.attention.ATTENTION_IMPLS
     kv_len: int | None = None  # with a cache: attend over its first kv_len slots only (default all)
+    hidden: bool = False  # return (final-normed hidden states, the head weight) instead of (logits, cache)
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | PagedCache | None,
@@ -122,6 +124,8 @@ class Llama(nn.Module):
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(INIT, ("embed", "vocab")),
                               (c.hidden_size, c.vocab_size), self.param_dtype)
+        if self.hidden:
+            return x, cast(head, self.dtype)
         logits = constrain(vocab_logits(x, cast(head, self.dtype)), ("batch", "seq", "vocab"))
         if pages is not None:
             cache = PagedCache(*kv)
@@ -157,7 +161,7 @@ def vocab_logits(x: jax.Array, head: jax.Array | QuantArray) -> jax.Array:
 def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, cache: KVCache | PagedCache | None = None, dtype=jnp.float32,
             remat: Remat = "none", last_only: bool = False, attention: str = "xla", kv_len: int | None = None,
-            pages: Pages | None = None) -> tuple[jax.Array, KVCache | PagedCache | None]:
+            pages: Pages | None = None, hidden: bool = False) -> tuple[jax.Array, KVCache | PagedCache | None]:
     """The model: token ids `[batch, seq]` -> float32 logits `[batch, seq, vocab]` and the updated cache.
 
     positions:   `[batch, seq]` RoPE positions; default 0.. (after the cache's filled slots, if any).
@@ -173,8 +177,10 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
     remat:       rematerialisation policy of each layer for training: none, full, or dots (save matmul outputs).
     last_only:   return logits `[batch, 1, vocab]` for the last position only (a prefill needs no others).
     attention:   "xla" (any backend) or "cudnn" (a GPU and a 16-bit dtype; see llama_jax.model.attention).
+    hidden:      return (the final-normed hidden states `[batch, seq, embed]`, the head `[embed, vocab]` in the
+                 compute dtype) instead: for a loss that applies the head a slice of the vocabulary at a time.
     params:      stacked (`layers`, as `init_params` and checkpoints make them) or from `unstack_layers`.
-    Jit it with `config`, `dtype`, `remat`, `last_only`, `attention` and `kv_len` static.
+    Jit it with `config`, `dtype`, `remat`, `last_only`, `attention`, `kv_len` and `hidden` static.
     """
     check_attention(attention, dtype)
     if positions is None and pages is not None:
@@ -183,7 +189,7 @@ def forward(params: Any, tokens: jax.Array, config: LlamaConfig, *, positions: j
         start = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
     model = Llama(config, dtype=dtype, remat=remat, last_only=last_only, scan_layers="layers" in params,
-                  attention=attention, kv_len=kv_len)
+                  attention=attention, kv_len=kv_len, hidden=hidden)
     return model.apply({"params": params}, tokens, positions, segment_ids, cache, pages)
 
 
@@ -213,10 +219,24 @@ def _boxed_init(config: LlamaConfig, param_dtype):
     return lambda rng: model.init(rng, dummy, dummy, dummy + 1, None)["params"]
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_init(config: LlamaConfig, param_dtype) -> tuple:
+    """The boxed params tree of `init_params` as ShapeDtypeStructs, flattened (leaves, treedef): tracing the model's
+    init takes about a tenth of a second, and checkpoints, loaders and shardings ask for it many times."""
+    boxed = jax.eval_shape(_boxed_init(config, param_dtype), jax.random.key(0))
+    return jax.tree.flatten(boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
+
+
+def _boxed_shapes(config: LlamaConfig, param_dtype) -> Any:
+    """A new tree (its dicts the caller's own) of the cached `_abstract_init`."""
+    leaves, treedef = _abstract_init(config, jnp.dtype(param_dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def param_logical_names(config: LlamaConfig, *, unstacked: bool = False) -> Any:
     """The params tree with, at each leaf, the tuple of logical axis names of that weight (of the tree
     `unstack_layers` makes, when `unstacked`)."""
-    boxed = jax.eval_shape(_boxed_init(config, jnp.float32), jax.random.key(0))
+    boxed = _boxed_shapes(config, jnp.float32)
     names = jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
     if not unstacked:
         return names
@@ -229,7 +249,7 @@ def param_shapes(config: LlamaConfig, dtype=jnp.float32, *, unstacked: bool = Fa
                  quantization: str | None = None) -> Any:
     """The params tree of `jax.ShapeDtypeStruct`s (of `unstack_layers`' tree, when `unstacked`; with QuantArrays
     of them for `quantization` "int8"), computed without allocating anything."""
-    shapes = nn.meta.unbox(jax.eval_shape(_boxed_init(config, dtype), jax.random.key(0)))
+    shapes = nn.meta.unbox(_boxed_shapes(config, dtype))
     shapes = jax.eval_shape(unstack_layers, shapes) if unstacked else shapes
     if quantization is None:
         return shapes

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.model import LlamaConfig, Remat
 from llama_jax.training.lora import attach_adapters
-from llama_jax.training.loss import next_token_loss
+from llama_jax.training.loss import VOCAB_CHUNK, next_token_loss
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -97,12 +97,12 @@ def abstract_state(params: Any, optimizer: optax.GradientTransformation) -> Trai
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *, config: LlamaConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, dtype=jnp.bfloat16,
                remat: Remat = "none", attention: str = "xla", lora_scale: float = 1.0, lora_dropout: float = 0.0,
-               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               seed: int = 0, vocab_chunk: int = VOCAB_CHUNK) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `accum` micro-batches: batch arrays are `[accum, micro_batch, seq]`.
 
     Gradients are summed over micro-batches and divided by the total target weight, so the update equals the
     one for the whole batch at once. dtype, remat, attention: as `forward`. Metrics: loss, grad_norm (before
-    clipping), lr, tokens (targets counted).
+    clipping), lr, tokens (targets counted). vocab_chunk: as `next_token_loss`.
     frozen: None (state.params are the model's params), or the frozen base params (stacked, or per layer as
     `load_params(per_layer=True)` reads them: one copy, no stacked one); then state.params are LoRA adapters
     (`init_adapters`' stacked tree) attached to it with `lora_scale`, and only they are differentiated;
@@ -114,7 +114,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
         def summed(params):
             if frozen is not None:
                 params = attach_adapters(frozen, params, lora_scale, dropout=lora_dropout, key=key)
-            _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention)
+            _, aux = next_token_loss(params, micro_batch, config, dtype=dtype, remat=remat, attention=attention,
+                                     vocab_chunk=vocab_chunk)
             return aux["loss_sum"], aux["weight"]
         (micro_loss, micro_weight), grads = jax.value_and_grad(summed, has_aux=True)(state.params)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
