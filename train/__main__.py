@@ -11,7 +11,8 @@ only the adapters (alpha / R scaled, on --lora-targets) get gradients and optimi
 PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads
 on the HF export of CKPT_DIR, and `python -m infer CKPT_DIR --adapter RUN_DIR/final` runs.
 
-A non-finite loss stops the run and leaves the last good checkpoint newest.
+A non-finite loss stops the run and leaves the last good checkpoint newest. Each step's metrics are read while
+the next step runs (train/records.py), so the device does not wait for the host between steps.
 Setting JAX_COMPILATION_CACHE_DIR lets a resumed run reuse the compiled step.
 
 Multi-host: run the same command on every host, adding `--coordinator HOST:PORT --num-processes N
@@ -34,7 +35,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -52,6 +52,7 @@ from llama_jax.text import encoder_for
 from llama_jax.training import (LORA_FLOPS_FRACTION, OptimizerConfig, RunCheckpoints, attach_adapters, batches,
                                 batches_per_epoch, eval_batches, learning_rate, load_jsonl, make_optimizer,
                                 next_token_loss, train_step)
+from train.records import NonFiniteLoss, StepRecords
 from train.state import initial_state, lora_config, save_final
 
 
@@ -245,35 +246,28 @@ def run(args) -> int:
             eval_every = args.eval_every or args.save_every
             bar = tqdm(total=total_steps, initial=start, desc="train", disable=not (primary and sys.stdout.isatty()))
             with StopRequested() as stop, bar, open(metrics_path if primary else os.devnull, "a") as metrics_file:
+                records = StepRecords(metrics_file, bar, flops_per_token=flops_per_token,
+                                      peak_flops=peak * jax.device_count())
                 for step in range(start + 1, total_steps + 1):
                     batch = next(data)
-                    began = time.perf_counter()
-                    new_state, metrics = step_fn(state, place_batch(batch, mesh), frozen)
-                    loss = float(metrics["loss"])
-                    if not math.isfinite(loss):
-                        say(f"error: loss became {loss} at step {step}; stopping. The newest checkpoint, step "
-                            f"{checkpoints.latest_step()}, in {run_dir / 'checkpoints'} is the last good one")
-                        return 1
-                    state = new_state
-                    seconds = time.perf_counter() - began
-                    tokens = float((batch["segment_ids"] > 0).sum())
-                    record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
-                              "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens / seconds,
-                              "mfu": flops_per_token * tokens / seconds / (peak * jax.device_count())}
-                    if eval_set is not None and (step % eval_every == 0 or step == total_steps):
-                        record["eval_loss"] = evaluate(eval_step, model_params(state.params), eval_set, args, mesh)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+                    state, metrics = step_fn(state, place_batch(batch, mesh), frozen)
+                    records.add(step, metrics, float((batch["segment_ids"] > 0).sum()))
+                    evaluating = eval_set is not None and (step % eval_every == 0 or step == total_steps)
                     stopping = on_any_process(stop.signal is not None) and step < total_steps
-                    if step % args.save_every == 0 or step == total_steps or stopping:
+                    if evaluating or stopping or step % args.save_every == 0 or step == total_steps:
+                        records.settle((lambda: evaluate(eval_step, model_params(state.params), eval_set, args,
+                                                         mesh)) if evaluating else None)
                         checkpoints.save(step, state, {"step": step, "batches_consumed": step - start + consumed,
                                                        "seed": args.seed})
+                        records.restart()
                     if stopping:
                         say(f"stopped by a signal at step {step}; checkpoint saved; run the same command to resume")
                         return 128 + (stop.signal or signal.SIGTERM)
             final = save_final(run_dir, checkpoint, state.params, lora)
+    except NonFiniteLoss as e:
+        say(f"error: {e}; stopping. The newest checkpoint, step {checkpoints.latest_step()}, in "
+            f"{run_dir / 'checkpoints'} is the last good one")
+        return 1
     finally:
         checkpoints.close()
     say(f"wrote {final}")
