@@ -23,6 +23,10 @@ appends a dated entry to the "Inference and training" section of --out (other se
        the HBM roofline; Llama-3.2-1B/3B full fine-tuning steps (MFU, --remat choices); cuDNN attention check.
        Needs a GPU; under 10 minutes on one H100/H200. `--dry-run` prints its plan (shapes, bytes, FLOPs) on any
        machine.
+  gpu-tune  candidates for the GPU's defaults, each in a child process with its XLA flags (bench/gpu_tune.py): int8
+       projection formulations and flag sets against the HBM roofline, batch-64 decode, 2,048-token TTFT, Llama-3.2-1B
+       training (remat, batch, the chunked loss, flags) as MFU. At most --time-budget seconds; `--dry-run` runs
+       every case at tiny shapes on any machine.
 
 --out-dir DIR also leaves results.json and results.md there (the GPU suite always writes them: default
 ./bench_results, or $OUT when set).
@@ -48,7 +52,7 @@ from llama_jax.model import PRESETS
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("cpu", "gpu", "int8", "lora", "serve"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu", "gpu-tune", "int8", "lora", "serve"), default="cpu")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append the entry to ('' for none)")
     p.add_argument("--out-dir", type=Path, help="also write results.json and results.md here")
     p.add_argument("--quick", action="store_true", help="fewer runs and shapes (cpu: no batch 64, no bf16 profile)")
@@ -62,7 +66,8 @@ def parse_args(argv):
                    help="cpu: the shape of the synthetic checkpoint the converter is timed on ('none' to skip)")
     p.add_argument("--convert-workdir", type=Path,
                    help="cpu: where the converter's checkpoints are written (default: a temporary directory)")
-    p.add_argument("--dry-run", action="store_true", help="gpu: print the plan and the roofline figures only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="gpu: print the plan and the roofline figures only; gpu-tune: run every case at tiny shapes")
     p.add_argument("--time-budget", type=float, default=480,
                    help="gpu: seconds after which the remaining measurements are skipped (the device allows 600)")
     args = p.parse_args(argv)
@@ -82,6 +87,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
+    if args.suite == "gpu-tune":  # every case in a child process: this one never starts jax
+        from bench import gpu_tune
+
+        return gpu_tune.run(args)
     if args.suite == "gpu":  # before jax starts: the 3B training step needs most of the GPU's memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     from bench import machine
