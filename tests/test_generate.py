@@ -205,11 +205,17 @@ def test_sharded_engine_equals_one_device(spec, gqa, greedy_engine, sampled_engi
 
 
 def test_compilation_cache_persists_programs(tmp_path):
-    """In a fresh process (as `python -m infer` uses it: JAX reads the setting once, at its first compile)."""
+    """In a fresh process (as `python -m infer` uses it: JAX reads the setting once, at its first compile); a
+    directory the user gave jax (JAX_COMPILATION_CACHE_DIR) wins over ours."""
+    import os
     import subprocess
     import sys
 
     program = ("import sys, jax, jax.numpy as jnp; from llama_jax.generation.engine import enable_compilation_cache; "
                "enable_compilation_cache(sys.argv[1]); jax.jit(lambda x: x * 3 + 1)(jnp.arange(5))")
-    subprocess.run([sys.executable, "-c", program, str(tmp_path)], check=True, timeout=120)
-    assert any(tmp_path.iterdir())
+    env = {name: value for name, value in os.environ.items() if name != "JAX_COMPILATION_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "ours")], check=True, timeout=120, env=env)
+    assert any((tmp_path / "ours").iterdir())
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "users")
+    subprocess.run([sys.executable, "-c", program, str(tmp_path / "unused")], check=True, timeout=120, env=env)
+    assert any((tmp_path / "users").iterdir()) and not (tmp_path / "unused").exists()

@@ -35,8 +35,10 @@ MIN_BUCKET = 16
 
 
 def enable_compilation_cache(path: str | Path) -> None:
-    """Keep every compiled program under `path`, so a later run with the same shapes skips XLA compilation."""
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    """Keep every compiled program under `path`, so a later run with the same shapes skips XLA compilation; a
+    directory the user gave jax (JAX_COMPILATION_CACHE_DIR, or jax's config) is used instead of `path`."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
