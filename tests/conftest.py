@@ -76,12 +76,20 @@ def hf_smollm2_model():
 
 
 @pytest.fixture(scope="session")
-def smollm2_checkpoint(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted from its GGUF to a float32 llama_jax checkpoint (once per run)."""
+def smollm2_checkpoint():
+    """SmolLM2-135M-Instruct converted from its GGUF to a float32 llama_jax checkpoint, once per run: the first
+    process to need it converts it into the session directory (~10 s), the other xdist worker waits and reads it."""
+    from filelock import FileLock
+
     from llama_jax.checkpoints.conversion import gguf_source, to_checkpoint
     from llama_jax.checkpoints.gguf_file import smollm2_gguf_path
 
-    return to_checkpoint(gguf_source(smollm2_gguf_path()), tmp_path_factory.mktemp("smollm2") / "ckpt")
+    saved = Path(SESSION_DIR) / "smollm2-ckpt"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{saved}.lock"):
+        if not saved.is_dir():
+            to_checkpoint(gguf_source(smollm2_gguf_path()), saved)
+    return saved
 
 
 @pytest.fixture(scope="session")

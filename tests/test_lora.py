@@ -2,6 +2,7 @@
 export equals PEFT's merge_and_unload, the adapter gradients equal PEFT's; the train CLI's LoRA runs and errors."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,20 +158,32 @@ def write_texts(path, count=16):
     return path
 
 
-def test_an_adapter_we_train_loads_in_peft(base, tmp_path, capsys):
+def lora_run(ckpt, out: Path, *extra: str) -> list[float]:
+    """`train --lora-rank 4` for 4 steps on write_texts' data (targets q, v, down, on a 2x2x2 mesh); its losses."""
+    assert train_main([str(ckpt), "--data", str(write_texts(out.parent / f"{out.name}.jsonl")), "--out", str(out),
+                       "--steps", "4", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--compute-dtype",
+                       "float32", "--lora-rank", "4", "--lora-targets", "q,v,down", "--mesh", "fsdp=2,tensor=2,data=2",
+                       *extra]) == 0
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """(run directory, losses) of one `lora_run` without dropout, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    return out, lora_run(base[1], out)
+
+
+def test_an_adapter_we_train_loads_in_peft(base, trained, tmp_path, capsys):
     """`train --lora-rank 4` writes RUN/final in PEFT's format: PeftModel.from_pretrained on the HF export of the
     base gives our logits within 1e-4; `infer --adapter` and `export --adapter` take it; the loss fell."""
     hf, ckpt = base
-    code = train_main([str(ckpt), "--data", str(write_texts(tmp_path / "d.jsonl")), "--out", str(tmp_path / "run"),
-                       "--steps", "4", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--compute-dtype",
-                       "float32", "--lora-rank", "4", "--lora-targets", "q,v,down", "--mesh", "fsdp=2,tensor=2,data=2"])
-    assert code == 0
-    final = tmp_path / "run" / "final"
+    run, losses = trained
+    final = run / "final"
     settings = json.loads((final / "adapter_config.json").read_text())
     assert settings["r"] == 4 and settings["lora_alpha"] == 8 and settings["peft_type"] == "LORA"
     assert sorted(settings["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert json.loads((final / "llama_jax_adapter.json").read_text())["base_checkpoint"] == str(ckpt.resolve())
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
     assert convert_main(["export", str(ckpt), str(tmp_path / "export")]) == 0
     model = peft.PeftModel.from_pretrained(hf_model(tmp_path / "export"), str(final)).eval()
@@ -217,16 +230,12 @@ def test_adapters_that_do_not_fit_are_one_line(base, tmp_path, capsys):
         assert code == 2 and message in err and str(adapter) in err and err.count("\n") == 1, err
 
 
-def test_dropout_changes_the_gradient_and_is_recorded(base, tmp_path):
+def test_dropout_changes_the_gradient_and_is_recorded(base, trained, tmp_path):
     """--lora-dropout: the adapters' inputs are dropped out in training (another loss from step 2 on, as B moves),
-    and PEFT's lora_dropout records it; eval and inference do not drop anything. Time (~20 s): two train runs (with
-    and without dropout), each compiling its step."""
-    runs = {}
-    for dropout in ("0", "0.5"):
-        out = tmp_path / f"run{dropout}"
-        assert train_main([str(base[1]), "--data", str(write_texts(tmp_path / "d.jsonl")), "--out", str(out),
-                           "--steps", "3", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--compute-dtype",
-                           "float32", "--lora-rank", "4", "--lora-dropout", dropout]) == 0
-        runs[dropout] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == float(dropout)
-    assert runs["0"][0] == runs["0.5"][0] and runs["0"][2] != runs["0.5"][2]
+    and PEFT's lora_dropout records it; eval and inference do not drop anything. Time (~10 s): a train run with
+    dropout, compiling its step, against the shared run without."""
+    run, losses = trained
+    dropped = lora_run(base[1], tmp_path / "dropout", "--lora-dropout", "0.5")
+    for out, dropout in ((run, 0.0), (tmp_path / "dropout", 0.5)):
+        assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == dropout
+    assert losses[0] == dropped[0] and losses[2] != dropped[2]

@@ -1,7 +1,8 @@
 """The package's metadata resolves where users install it: beside the newest jax the ranges admit (on the Python it
 needs), and with each accelerator extra at the locked jax. pip resolves against the package index without
-installing anything (`--dry-run --report`); the four resolutions run at once (each waits on the index, not the
-CPU)."""
+installing anything (`--dry-run --report`); the four resolutions run at once. The project's own metadata is prepared
+by the setuptools installed here (`--no-build-isolation`, setuptools being a test dependency), not in a fresh build
+environment per resolution: a third of each resolution's CPU time."""
 
 import concurrent.futures
 import json
@@ -22,7 +23,7 @@ def resolve(tmp_path: Path, *args) -> dict[str, str]:
     """{name: version} (names normalized) of what `pip install --dry-run ARGS` would install (nothing is)."""
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-                             "--report", str(report), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--no-build-isolation", "--report", str(report), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     installs = json.loads(report.read_text())["install"]
     return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in installs}

@@ -48,20 +48,20 @@ def test_quantize_is_symmetric_per_output_channel():
 def test_int8_forward_is_the_float_forward_of_the_dequantized_weights(tmp_path, variant):
     """The fused path (int8 converted in the dot, output channels scaled after; an int8 embedding looked up by row;
     a tied int8 head) computes exactly the model of values * scale: fp32 logits within 2e-5, stacked and per layer,
-    with and without a cache. Time (~5-15 s per variant): each path (stacked, per layer, cached) is its own compiled
-    program."""
+    with and without a cache."""
     config, params, _ = load_fixture(variant)
+    forward = jax.jit(lj.forward, static_argnames="config")  # one program per path, not an op at a time
     tokens = jnp.array([[3, 17, 42, 7, 99, 5, 1, 64]])
     quantized = quantize_tree(params, param_logical_names(config))
-    reference = lj.forward(dequantized(quantized), tokens, config)[0]
+    reference = forward(dequantized(quantized), tokens, config)[0]
     assert jax.tree.structure(quantized) != jax.tree.structure(params)
     for tree in (quantized, lj.unstack_layers(quantized)):
-        np.testing.assert_allclose(lj.forward(tree, tokens, config)[0], reference, atol=2e-5)
+        np.testing.assert_allclose(forward(tree, tokens, config)[0], reference, atol=2e-5)
     cache = lj.init_cache(config, 1, 16)
-    first, cache = lj.forward(quantized, tokens[:, :5], config, cache=cache)
-    rest, _ = lj.forward(quantized, tokens[:, 5:], config, cache=cache)
+    first, cache = forward(quantized, tokens[:, :5], config, cache=cache)
+    rest, _ = forward(quantized, tokens[:, 5:], config, cache=cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), reference, atol=2e-5)
-    assert float(jnp.abs(reference - lj.forward(params, tokens, config)[0]).max()) > 1e-5  # it is quantized
+    assert float(jnp.abs(reference - forward(params, tokens, config)[0]).max()) > 1e-5  # it is quantized
 
 
 def test_int8_kv_cache_stores_a_scale_per_token_and_head(tmp_path):

@@ -32,12 +32,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint):
-    """`python -m infer.serve` on SmolLM2, with n-gram speculation (lossless: every test here that compares with a
-    reference checks it too). Time (~80 s): the server compiles every shape before it says ready, as it does for
-    users: 3 prefill shapes (--max-batch-tokens 128), 3 decode and 3 verify row counts and 4 prompt scorers."""
+    """`python -m infer.serve` on SmolLM2. Time (~60 s): the server compiles every shape before it says ready, as it
+    does for users: 3 prefill shapes (--max-batch-tokens 128), 3 decode row counts and 4 prompt scorers.
+    (Speculation is served by test_tools' server, on a model that compiles in a fraction of the time.)"""
     yield from start_server(smollm2_checkpoint, ["--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-waiting",
                                                  str(WAITING), "--api-key", KEY, "--name", "smol",
-                                                 "--max-batch-tokens", "128", "--speculate", "ngram"])
+                                                 "--max-batch-tokens", "128"])
 
 
 def start_server(checkpoint, options: list[str]):
@@ -245,25 +245,6 @@ def test_a_shared_system_prompt_hits_the_prefix_cache_and_metrics_count_it(serve
     assert moved["llama_jax_inter_token_latency_seconds_count"] >= 3
     health = idle(server)
     assert after["llama_jax_kv_blocks_used"] >= 0 and health["blocks_used"] == 0 and health["blocks_cached"] > 0
-
-
-def test_speculation_is_counted_in_metrics(server, client, hf_smollm2_model):
-    """A text that repeats itself: n-gram proposals are made and accepted (greedy SmolLM2 continues the pattern);
-    the tokens equal transformers' greedy `generate`."""
-    import torch
-
-    before = scrape(server)
-    prompt = "Copy the list: red, green, blue, red, green, blue, red, green, blue, red, green,"
-    text = client.completions.create(model="smol", prompt=prompt, max_tokens=16, temperature=0).choices[0].text
-    after = scrape(server)
-    proposed, accepted = (after[f"llama_jax_spec_decode_{kind}_tokens_total"] - before.get(
-        f"llama_jax_spec_decode_{kind}_tokens_total", 0) for kind in ("proposed", "accepted"))
-    assert proposed >= accepted > 0
-    assert after["llama_jax_spec_decode_acceptance_rate"] == pytest.approx(
-        after["llama_jax_spec_decode_accepted_tokens_total"] / after["llama_jax_spec_decode_proposed_tokens_total"])
-    ids = http(server, "/tokenize", {"prompt": prompt})[1]["tokens"]
-    expected = hf_smollm2_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
-    assert http(server, "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"] == expected.tolist()
 
 
 def test_n_logit_bias_penalties_and_stop_token_ids(server, client):
