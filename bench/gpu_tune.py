@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bench.common import md_table
+from bench.common import md_table, timed
 from llama_jax.model import QuantArray, project
 
 FLAG_SETS = {
@@ -108,13 +108,8 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
     out = {}
     for batch in PROJ_BATCHES:
         x = jnp.full((batch, e), 0.01, jnp.bfloat16)
-        jax.block_until_ready(run(x, stack))
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            jax.block_until_ready(run(x, stack))
-            times.append(time.perf_counter() - start)
-        out[f"batch {batch}"] = min(times)
+        jax.block_until_ready(run(x, stack))  # compiles
+        out[f"batch {batch}"] = min(timed(lambda: jax.block_until_ready(run(x, stack))) for _ in range(rounds))
     return {"seconds": out}
 
 
@@ -124,6 +119,7 @@ def run_case(case: dict, tiny: bool) -> dict:
     from bench.decode import OurGenerate
     from bench.train import OurTrainStep
     from llama_jax import init_params, preset
+    from llama_jax.training import VOCAB_CHUNK
 
     shapes = SHAPES[tiny]
     if case["kind"] == "limits":
@@ -146,7 +142,7 @@ def run_case(case: dict, tiny: bool) -> dict:
     params = init_params(config, jax.random.key(1), dtype=jnp.float32)
     ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=case["batch"], seq_len=shapes["seq"],
                         remat=case["remat"], copy_params=False,
-                        vocab_chunk=config.vocab_size if case["vocab_chunk"] == "whole" else None)
+                        vocab_chunk=config.vocab_size if case["vocab_chunk"] == "whole" else VOCAB_CHUNK)
     runs = [ours() for _ in range(3)]
     return {"step_s": min(r["step_s"] for r in runs), "loss": runs[0]["loss"], "compile_s": ours.compile_s}
 
@@ -169,21 +165,25 @@ def child(case: dict, tiny: bool, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def figures(case: dict, result: dict, limits: dict, tiny: bool) -> str:
-    """The case's result against its floor: roofline fraction, MFU, or speed against the bf16 run of the same kind."""
+def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
+    """The case's result against its floor (roofline fraction or MFU, from the `earlier` results' limits case) and,
+    for int8 projections, their speed against the bfloat16 ones measured earlier."""
     from bench import roofline
     from llama_jax import preset
 
     if "error" in result or case["kind"] == "limits":
         return result.get("error") or (f"{result['bandwidth'] / 1e9:.0f} GB/s, bf16 peak "
                                        f"{result['peak_bf16'] / 1e12:.0f} TFLOP/s ({result['backend']})")
+    limits = next((r for r in earlier if r["kind"] == "limits" and "error" not in r), {})
     shapes, bandwidth, peak = SHAPES[tiny], limits.get("bandwidth", float("nan")), limits.get("peak_bf16", float("nan"))
     if case["kind"] == "proj":
         c = preset(shapes["decode_model"])
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        values = c.num_hidden_layers * c.hidden_size * (2 * q + 2 * kv + 3 * c.intermediate_size)
+        values = roofline.matmul_params(c) - c.hidden_size * c.vocab_size  # the decoder layers' weights, no head
         floor = values * (2 if case["weights"] == "bfloat16" else 1) / bandwidth
+        bf16 = next((r["seconds"] for r in earlier if r["kind"] == "proj" and r["weights"] == "bfloat16"
+                     and "seconds" in r), {})
         return "; ".join(f"{name}: {seconds * 1e3:.2f} ms, {floor / seconds:.0%} of roofline"
+                         + (f", {bf16[name] / seconds:.2f}x bf16" if case["weights"] != "bfloat16" and bf16 else "")
                          for name, seconds in result["seconds"].items())
     if case["kind"] == "decode":
         config = preset(shapes["decode_model"])
@@ -203,16 +203,13 @@ def run(args) -> int:
     out_dir = Path(args.out_dir or os.environ.get("OUT", "bench_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline, rows, results = time.perf_counter() + args.time_budget, [], []
-    limits: dict = {}
     for case in CASES:
         left = deadline - time.perf_counter()
         print(f"[bench gpu-tune {time.strftime('%H:%M:%S')}] {case['kind']}: {label(case)}", file=sys.stderr,
               flush=True)
         result = child(case, args.dry_run, left) if left > 5 else {"error": "skipped: --time-budget spent"}
-        if case["kind"] == "limits" and "error" not in result:
-            limits = result
+        rows.append([case["kind"], label(case), figures(case, result, results, args.dry_run)])
         results.append({**case, **result})
-        rows.append([case["kind"], label(case), figures(case, result, limits, args.dry_run)])
         (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out_dir / "results.md").write_text(md_table(["kind", "candidate", "measured"], rows) + "\n")
     print(md_table(["kind", "candidate", "measured"], rows))

@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import best, interleave, md_table
-import functools
-
-from bench.train import OPTIMIZER, OurTrainStep
+from bench.train import OPTIMIZER, OurTrainStep, jitted_step
 from llama_jax import init_params, preset
 from llama_jax.model import param_shapes
-from llama_jax.training import VOCAB_CHUNK, abstract_state, learning_rate, make_optimizer, train_step
+from llama_jax.training import VOCAB_CHUNK, abstract_state, make_optimizer
 
 MIB = 1 << 20
 
@@ -68,11 +66,9 @@ def main(argv=None) -> int:
 
 def compiled_temporaries(config, batch: int, seq_len: int, chunk: int) -> int:
     """XLA's temporary bytes of the full fine-tuning step (as OurTrainStep's) compiled for abstract params."""
-    optimizer = make_optimizer(OPTIMIZER)
-    state = abstract_state(param_shapes(config), optimizer)
+    state = abstract_state(param_shapes(config), make_optimizer(OPTIMIZER))
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
-    step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, schedule=learning_rate(OPTIMIZER),
-                                     dtype=jnp.bfloat16, remat="full", vocab_chunk=chunk), donate_argnums=0)
+    step = jitted_step(config, dtype=jnp.bfloat16, remat="full", vocab_chunk=chunk)
     batch_shapes = {"tokens": tokens, "loss_mask": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}
     return step.lower(state, batch_shapes).compile().memory_analysis().temp_size_in_bytes
 

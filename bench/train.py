@@ -14,9 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.model import LORA_TARGETS, init_adapters, param_logical_names, unstack_layers
-from llama_jax.training import LoraConfig, OptimizerConfig, init_state, learning_rate, make_optimizer, train_step
+from llama_jax.training import (VOCAB_CHUNK, LoraConfig, OptimizerConfig, init_state, learning_rate, make_optimizer,
+                                train_step)
 
 OPTIMIZER = OptimizerConfig(total_steps=1000, lr=1e-5, warmup=0, schedule="constant")
+
+
+def jitted_step(config, *, dtype, remat: str = "none", attention: str = "xla", lora: LoraConfig | None = None,
+                vocab_chunk: int = VOCAB_CHUNK):
+    """`train_step` with OPTIMIZER and these settings, jitted with the state donated (not yet compiled)."""
+    return jax.jit(functools.partial(train_step, config=config, optimizer=make_optimizer(OPTIMIZER),
+                                     schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat, attention=attention,
+                                     lora_scale=1.0 if lora is None else lora.scale, vocab_chunk=vocab_chunk),
+                   donate_argnums=0)
 
 
 def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.ndarray:
@@ -26,11 +36,11 @@ def token_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> np.
 class OurTrainStep:
     """`train_step` jitted with the state donated; params in their own dtype (float32 here), `dtype` the compute.
     With `lora`: the params are the frozen base (cast to `dtype` and split per layer, as `train --lora-rank` keeps
-    it) and the state holds fresh adapters. vocab_chunk: the loss's (default `next_token_loss`'s)."""
+    it) and the state holds fresh adapters. vocab_chunk: the loss's (see `next_token_loss`)."""
 
     def __init__(self, params, config, *, dtype, batch: int, seq_len: int, remat: str = "none",
                  attention: str = "xla", copy_params: bool = True, lora: LoraConfig | None = None,
-                 vocab_chunk: int | None = None):
+                 vocab_chunk: int = VOCAB_CHUNK):
         optimizer = make_optimizer(OPTIMIZER)
         tokens = token_batch(config.vocab_size, batch, seq_len)
         mask = np.ones_like(tokens, np.float32)
@@ -45,11 +55,7 @@ class OurTrainStep:
             adapters = init_adapters(params, param_logical_names(config), rank=lora.rank, targets=lora.targets,
                                      rng=jax.random.key(0))
             self.state = init_state(adapters, optimizer)
-        step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
-                                         schedule=learning_rate(OPTIMIZER), dtype=dtype, remat=remat,
-                                         attention=attention, lora_scale=1.0 if lora is None else lora.scale,
-                                         **({} if vocab_chunk is None else {"vocab_chunk": vocab_chunk})),
-                       donate_argnums=0)
+        step = jitted_step(config, dtype=dtype, remat=remat, attention=attention, lora=lora, vocab_chunk=vocab_chunk)
         start = time.perf_counter()
         self.step = step.lower(self.state, self.batch, self.frozen).compile()
         self.compile_s = time.perf_counter() - start

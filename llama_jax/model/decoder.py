@@ -124,9 +124,10 @@ class Llama(nn.Module):
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(INIT, ("embed", "vocab")),
                               (c.hidden_size, c.vocab_size), self.param_dtype)
+        head = cast(head, self.dtype)
         if self.hidden:
-            return x, cast(head, self.dtype)
-        logits = constrain(vocab_logits(x, cast(head, self.dtype)), ("batch", "seq", "vocab"))
+            return x, head
+        logits = constrain(vocab_logits(x, head), ("batch", "seq", "vocab"))
         if pages is not None:
             cache = PagedCache(*kv)
         elif cache is not None:
