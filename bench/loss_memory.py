@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from bench.common import best, interleave, md_table
 from bench.train import OPTIMIZER, OurTrainStep, jitted_step
 from llama_jax import init_params, preset
-from llama_jax.model import param_shapes
+from llama_jax.model import PRESETS, param_shapes
 from llama_jax.training import VOCAB_CHUNK, abstract_state, make_optimizer
 
 MIB = 1 << 20
@@ -29,12 +29,15 @@ MIB = 1 << 20
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--preset", default="smollm2-135m", choices=PRESETS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile-only", action="store_true")
     args = parser.parse_args(argv)
+    for name in ("batch", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     config = preset(args.preset)
     logits_bytes = args.batch * args.seq_len * config.vocab_size * 4
     if args.compile_only:
