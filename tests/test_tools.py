@@ -235,9 +235,7 @@ def test_bad_tools_get_openai_errors(server, body, match):
 def test_speculation_is_counted_in_metrics(server, client, hf_dir):
     """This server speculates (n-gram proposals, verified in one forward): proposals are made and accepted (the random
     model falls into a loop, which the n-grams of its own output predict), /metrics counts them, and the tokens equal
-    transformers' greedy `generate` on the same weights."""
-    import torch
-    import transformers
+    transformers' greedy `generate` on the same weights (where torch is installed: not at the upper end of the ranges)."""
     from test_serve import scrape
 
     before = scrape(server)
@@ -249,6 +247,8 @@ def test_speculation_is_counted_in_metrics(server, client, hf_dir):
     assert proposed >= accepted > 0, (proposed, accepted)
     assert after["llama_jax_spec_decode_acceptance_rate"] == pytest.approx(
         after["llama_jax_spec_decode_accepted_tokens_total"] / after["llama_jax_spec_decode_proposed_tokens_total"])
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     ids = http(server, "/tokenize", {"prompt": prompt}, key=KEY)[1]["tokens"]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     expected = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
