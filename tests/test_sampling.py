@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.generation.sampling import (SamplingParams, candidates, filter_logits, row_keys, sample, sampling_rows,
-                                           step_keys)
+from llama_jax.generation.sampling import (SamplingParams, candidates, filter_logits, greedy_tokens, row_keys, sample,
+                                           sampling_rows, step_keys)
 
 ROWS, VOCAB = 512, 64  # every row is an independent draw, so one call checks many seeds at once
 
@@ -49,6 +49,19 @@ def test_temperature_zero_is_argmax_whatever_the_filters():
     expected = np.argmax(np.asarray(logits), axis=-1)
     for params in (SamplingParams(), SamplingParams(top_k=3, top_p=0.5, min_p=0.2)):
         np.testing.assert_array_equal(draw(logits, params, seed=1), expected)
+
+
+def test_greedy_tokens_are_numpys_argmax_with_ties_infinities_and_nans():
+    """The first largest logit, or the first NaN, as numpy's argmax: rows of ties, of -inf only, with +inf, with NaN."""
+    logits = np.round(np.asarray(random_logits(rows=64, vocab=37)))  # rounded: many rows hold tied maxima
+    logits[1] = -np.inf
+    logits[2, [3, 30]] = np.inf
+    logits[3, [5, 20]] = np.nan
+    logits[4, [0, 9]] = [np.inf, np.nan]
+    tokens = np.asarray(jax.jit(greedy_tokens)(logits))
+    assert tokens.dtype == np.int32 and len({tuple(row) for row in logits}) > 60
+    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+    assert list(tokens[1:5]) == [0, 3, 5, 9]
 
 
 def test_same_seed_same_tokens_other_seed_or_step_other_tokens():

@@ -21,6 +21,7 @@ import numpy as np
 
 from llama_jax.generation.paged_steps import Programs
 from llama_jax.generation.requests import RequestState
+from llama_jax.generation.sampling import greedy_tokens
 from llama_jax.generation.rows import block_tables, prefill_arrays
 from llama_jax.generation.steps import decode_step
 from llama_jax.model import LlamaConfig, PagedCache, Pages, forward, init_paged_cache, unstack_layers
@@ -47,14 +48,14 @@ def draft_propose(params, pool: PagedCache, tokens, pages: Pages, room, *, confi
     k greedy tokens `[rows, k]`, each fed back while fewer than `room` `[rows]` were made (so nothing is written past
     the positions a row holds blocks for)."""
     logits, pool = forward(params, tokens, config, cache=pool, pages=pages, dtype=dtype, last_only=True)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    first = greedy_tokens(logits[:, -1])
     position = pages.positions[:, -1] + 1
 
     def step(carry, i):
         pool, token = carry
         logits, pool = decode_step(params, pool, token, position + i, config, dtype, live=i + 1 < room,
                                    tables=pages.tables)
-        following = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        following = greedy_tokens(logits)
         return (pool, following), following
 
     (pool, _), rest = jax.lax.scan(step, (pool, first), jnp.arange(k - 1))

@@ -45,9 +45,11 @@ def emitted(logits: jax.Array, tokens: jax.Array, top_logprobs: int) -> Emitted:
     """One step's Emitted (width 1) for tokens `[batch]` (EMPTY allowed) picked from logits `[batch, vocab]`."""
     if not top_logprobs:
         return Emitted(tokens[:, None])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[:, None], axis=-1)
-    top, ids = jax.lax.top_k(logp, top_logprobs)
+    logits = logits.astype(jnp.float32)
+    normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # log-probabilities without writing them all
+    chosen = jnp.take_along_axis(logits, jnp.maximum(tokens, 0)[:, None], axis=-1) - normalizer
+    top, ids = jax.lax.top_k(logits, top_logprobs)
+    top = top - normalizer
     return Emitted(tokens[:, None], chosen, ids[:, None].astype(jnp.int32), top[:, None])
 
 
