@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
+import llama_jax.model.paged as paged
 from conftest import load_fixture
 from llama_jax.model import PagedCache, Pages, chunk_blocks, init_paged_cache
 
@@ -41,7 +42,19 @@ def run(config, params, pool: PagedCache, rows: list[tuple[list[int], int, int]]
     return [np.asarray(logits[i, :len(r[0])]) for i, r in enumerate(rows)], pool
 
 
-def test_a_whole_prompt_and_then_decode_steps(model):
+@pytest.fixture(params=["default spans", "small spans"])
+def spans(request, monkeypatch):
+    """The tokens `paged_attend` reads per iteration: the defaults (these contexts fit in one chunk), or 8 for prompt
+    chunks and 4 for decode steps, so that 20-29 tokens take several chunks and the online softmax carries across."""
+    if request.param == "small spans":
+        monkeypatch.setattr(paged, "KV_CHUNK_TOKENS", 8)
+        monkeypatch.setattr(paged, "DECODE_KV_CHUNK_TOKENS", 4)
+    jax.clear_caches()  # the spans are read when forward is traced
+    yield
+    jax.clear_caches()
+
+
+def test_a_whole_prompt_and_then_decode_steps(model, spans):
     config, params, tokens, dense = model
     pool = init_paged_cache(config, 24, BLOCK)
     blocks = table([5, 3, 17, 9, 11, 2, 20, 8], 8)  # scattered over the pool, not in order
@@ -52,7 +65,7 @@ def test_a_whole_prompt_and_then_decode_steps(model):
         np.testing.assert_allclose(step[0], dense[0, t], atol=1e-5, rtol=1e-5)
 
 
-def test_chunks_that_do_not_line_up_with_blocks_and_rows_at_different_stages(model):
+def test_chunks_that_do_not_line_up_with_blocks_and_rows_at_different_stages(model, spans):
     """Row 0 is prefilled 7 tokens at a time (chunks straddle blocks) while row 1, prefilled whole first, decodes
     in the same calls; an idle row (length 0) rides along and changes nothing."""
     config, params, tokens, dense = model
