@@ -59,7 +59,8 @@ def test_greedy_tokens_are_numpys_argmax_with_ties_infinities_and_nans():
     logits[3, [5, 20]] = np.nan
     logits[4, [0, 9]] = [np.inf, np.nan]
     tokens = np.asarray(jax.jit(greedy_tokens)(logits))
-    assert tokens.dtype == np.int32 and len({tuple(row) for row in logits}) > 60
+    tied = sum(np.sum(row == row.max()) > 1 for row in logits[5:])
+    assert tokens.dtype == np.int32 and tied >= 10, tied
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
     assert list(tokens[1:5]) == [0, 3, 5, 9]
 

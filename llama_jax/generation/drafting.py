@@ -21,8 +21,8 @@ import numpy as np
 
 from llama_jax.generation.paged_steps import Programs
 from llama_jax.generation.requests import RequestState
-from llama_jax.generation.sampling import greedy_tokens
 from llama_jax.generation.rows import block_tables, prefill_arrays
+from llama_jax.generation.sampling import greedy_tokens
 from llama_jax.generation.steps import decode_step
 from llama_jax.model import LlamaConfig, PagedCache, Pages, forward, init_paged_cache, unstack_layers
 
