@@ -1,5 +1,5 @@
 """One decode step's attention over a paged pool against the same attention over a dense cache, per context length
-and per span (the tokens `paged_attend` gathers per iteration for one query per row,
+and per span (the tokens `paged_attend` gathers per iteration; for one query per row the engine uses
 `llama_jax.model.paged.DECODE_KV_CHUNK_TOKENS`).
 
     python -m bench.paged_attention [--preset smollm2-135m] [--rows 8] [--contexts 150,1000,3000]
@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import llama_jax.model.paged as paged
 from bench.common import interleave, md_table, timed
-from llama_jax.model import Pages, preset
-from llama_jax.model.attention import attend
+from llama_jax.model import Pages, attend, paged_attend, preset
 
 BLOCK, POOL_TOKENS_PER_ROW = 16, 4096
 
@@ -61,9 +59,8 @@ def variants(config, rows: int, context: int, spans: list[int], rng: np.random.G
 
     calls = {"dense": run(layers_of(lambda x, layer, caches: attend(x, *caches[layer], None), layers), dense)}
     for span in spans:
-        paged.DECODE_KV_CHUNK_TOKENS = span  # read when paged_attend is traced, i.e. in run()'s first call
-        calls[f"paged, span {span}"] = run(layers_of(
-            lambda x, layer, pool, pages: paged.paged_attend(x, pool, layer, pages, jnp.float32), layers), pool, pages)
+        calls[f"paged, span {span}"] = run(layers_of(lambda x, layer, pool, pages, blocks=span // BLOCK: paged_attend(
+            x, pool, layer, pages, jnp.float32, per_chunk=blocks), layers), pool, pages)
     return calls
 
 
@@ -78,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     config = preset(args.preset)
     contexts = [int(c) for c in args.contexts.split(",")]
     spans = [int(s) for s in args.spans.split(",")]
-    if min(contexts) < 1 or max(contexts) > POOL_TOKENS_PER_ROW or min(spans) < BLOCK or args.rows < 1:
-        parser.error(f"contexts must be in 1..{POOL_TOKENS_PER_ROW}, spans >= {BLOCK} and rows >= 1")
+    if (min(contexts) < 1 or max(contexts) > POOL_TOKENS_PER_ROW or args.rows < 1
+            or any(span < BLOCK or POOL_TOKENS_PER_ROW % span or span % BLOCK for span in spans)):
+        parser.error(f"contexts must be in 1..{POOL_TOKENS_PER_ROW}, spans multiples of {BLOCK} that divide "
+                     f"{POOL_TOKENS_PER_ROW}, rows >= 1")
     rng = np.random.default_rng(0)
     table = []
     for context in contexts:

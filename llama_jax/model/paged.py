@@ -107,17 +107,19 @@ def chunk_blocks(block_size: int, decode: bool = False) -> int:
     return max(1, (DECODE_KV_CHUNK_TOKENS if decode else KV_CHUNK_TOKENS) // block_size)
 
 
-def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages, dtype) -> jax.Array:
+def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages, dtype,
+                 per_chunk: int | None = None) -> jax.Array:
     """Causal attention of queries q `[rows, q, heads, head_dim]` over their own rows' cached tokens.
 
     Query (r, i) at position p sees its row's tokens 0..p (those before `lengths[r]`). The row's blocks are read
-    `chunk_blocks(block_size, decode=q == 1)` at a time with an online softmax (scores and softmax in float32), for as
-    many chunks as the longest row in the step needs: a step's cost follows the tokens attended, not the pool's size
-    or the rows' maximum length. Returns `[rows, q, heads, head_dim]`.
+    `per_chunk` at a time (a divisor of the tables' width; default `chunk_blocks(block_size, decode=q == 1)`) with an
+    online softmax (scores and softmax in float32), for as many chunks as the longest row in the step needs: a step's
+    cost follows the tokens attended, not the pool's size or the rows' maximum length. Returns
+    `[rows, q, heads, head_dim]`.
     """
     rows, length, heads, head_dim = q.shape
     kv_heads, block_size = pool[0].shape[2], pool[0].shape[3]
-    per_chunk = chunk_blocks(block_size, decode=length == 1)
+    per_chunk = per_chunk or chunk_blocks(block_size, decode=length == 1)
     group, span = heads // kv_heads, per_chunk * block_size
     q = q.reshape(rows, length, kv_heads, group, head_dim).astype(jnp.float32) * head_dim**-0.5
     chunks = (jnp.max(pages.lengths) + span - 1) // span
