@@ -2,8 +2,8 @@
 on the same SmolLM2-135M-Instruct weights (our float32 checkpoint, its F32 GGUF), streamed through the official
 `openai` client, greedy, one server at a time (each gets every core).
 
-  lone      one request at a time: inter-token latency against the batch `Engine` at batch 1 on the same prompt,
-            in this process (ours on --slots 8 and on --slots 1)
+  lone      one request at a time: inter-token latency (the median over four prompts) against the batch `Engine`
+            at batch 1 on the same prompts, in this process (ours on --slots 8 and on --slots 1)
   load      the same 32 requests (prompts of 12-160 words, --new-tokens each) from 8 and from 32 clients: output
             tokens/s, time to first token p50/p95
   prefix    32 requests sharing one ~1,500-token system prompt, each with its own question, 4 clients: TTFT p50
@@ -153,17 +153,18 @@ def capacity(url: str) -> dict:
 
 
 def engine_itl(checkpoint: Path, new_tokens: int) -> float:
-    """The batch Engine at batch 1 on the lone requests' first prompt: seconds per token after the first."""
+    """The batch Engine at batch 1 on the lone requests' prompts, the statistic the servers get (the median of the
+    prompts' seconds per token after the first)."""
     from llama_jax.checkpoints import load_params, open_checkpoint
     from llama_jax.generation import Engine
     from llama_jax.text import encoder_for
 
     ck = open_checkpoint(checkpoint)
-    ids = encoder_for(ck).tokenizer.encode(load_prompts()[0]).ids
     engine = Engine(load_params(ck, per_layer=True), ck.config, max_len=1024)
-    engine.generate([ids], max_new_tokens=new_tokens)
-    best = min(engine.generate([ids], max_new_tokens=new_tokens).decode_s for _ in range(3))
-    return best / (new_tokens - 1)
+    prompts = [encoder_for(ck).tokenizer.encode(p).ids for p in load_prompts()[:4]]
+    engine.generate(prompts[:1], max_new_tokens=new_tokens)  # warm (decode_s leaves compilation out anyway)
+    return float(np.median([engine.generate([ids], max_new_tokens=new_tokens).decode_s / (new_tokens - 1)
+                            for ids in prompts]))
 
 
 def run(args) -> dict:
