@@ -1,0 +1,89 @@
+"""python -m bench.prefill_budget [--preset smollm2-135m] [--budgets 128,256,512] [--rounds 3]
+
+The serving engine's prefill budget (`max_batch_tokens`): for each budget, a ~3,000-token prompt's time to first
+token alone (median of --rounds, the budgets taking turns), and the output tokens/s of the serve suite's load (32
+requests of 15-207 prompt tokens and 64 new tokens, 8 clients in a closed loop), random weights, float32, 8 slots x
+4096 tokens, no prefix cache. Prints a markdown table, each figure also as a ratio to the first budget's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import md_table
+from llama_jax import init_params, preset
+from llama_jax.generation import PagedEngine, Request
+
+LONG, CLIENTS, NEW = 3000, 8, 64
+
+
+def prompt(seed: int, length: int, vocab: int) -> list[int]:
+    return [1 + (7 * seed + j) % (vocab - 1) for j in range(length)]
+
+
+def ttft(engine: PagedEngine, ids: list[int]) -> float:
+    """Seconds until the prompt's first token; the engine is left empty."""
+    sid, start, first = engine.add(Request(ids, 1)), time.perf_counter(), None
+    while engine.running or engine.waiting:
+        for out in engine.step():
+            if out.sid == sid and out.tokens and first is None:
+                first = time.perf_counter() - start
+    return first
+
+
+def load(engine: PagedEngine, vocab: int) -> float:
+    """Output tokens/s of 32 requests, CLIENTS at a time (a new one as each finishes)."""
+    lengths = [int(1.3 * (12 + (i * 29) % 149)) for i in range(32)]  # the serve suite's prompts, ~1.3 tokens a word
+    queue, live, tokens, start = list(range(32)), 0, 0, time.perf_counter()
+    while live or queue:
+        while queue and live < CLIENTS:
+            i = queue.pop(0)
+            engine.add(Request(prompt(i, lengths[i], vocab), NEW))
+            live += 1
+        for out in engine.step():
+            tokens += len(out.tokens)
+            live -= out.finish_reason is not None
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.prefill_budget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--budgets", default="128,256,512")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    if min(budgets) < 1 or args.rounds < 1:
+        parser.error("budgets and rounds must be >= 1")
+    config = preset(args.preset)
+    params = init_params(config, jax.random.key(0), dtype=jnp.float32)
+    engines, warm = {}, {}
+    for budget in budgets:
+        engines[budget] = PagedEngine(params, config, slots=8, max_len=4096, max_batch_tokens=budget,
+                                      prefix_cache=False)
+        warm[budget] = engines[budget].warm_up()
+    long, rates = {b: [] for b in budgets}, {b: [] for b in budgets}
+    for _ in range(args.rounds):
+        for budget, engine in engines.items():
+            long[budget].append(ttft(engine, prompt(0, LONG, config.vocab_size)))
+    for _ in range(2):
+        for budget, engine in engines.items():
+            rates[budget].append(load(engine, config.vocab_size))
+    first = budgets[0]
+    rows = [[str(b), f"{warm[b][0]} in {warm[b][1]:.1f} s", f"{np.median(long[b]):.2f}",
+             f"{np.median(long[b]) / np.median(long[first]):.2f}x", f"{np.median(rates[b]):.1f}",
+             f"{np.median(rates[b]) / np.median(rates[first]):.2f}x"] for b in budgets]
+    print(f"{args.preset}, float32, 8 slots x 4096, {jax.devices()[0].device_kind}; {args.rounds} rounds")
+    print(md_table(["max_batch_tokens", "programs compiled", f"{LONG}-token prompt TTFT s", "/ first",
+                    f"load ({CLIENTS} clients) tok/s", "/ first"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
