@@ -119,7 +119,8 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     """
     rows, length, heads, head_dim = q.shape
     kv_heads, block_size = pool[0].shape[2], pool[0].shape[3]
-    per_chunk = per_chunk or chunk_blocks(block_size, decode=length == 1)
+    if per_chunk is None:
+        per_chunk = chunk_blocks(block_size, decode=length == 1)
     group, span = heads // kv_heads, per_chunk * block_size
     q = q.reshape(rows, length, kv_heads, group, head_dim).astype(jnp.float32) * head_dim**-0.5
     chunks = (jnp.max(pages.lengths) + span - 1) // span
