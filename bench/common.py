@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import statistics
 import sys
@@ -39,6 +40,14 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers ("128,256,512")."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def interleave(runs: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:

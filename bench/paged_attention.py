@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import interleave, md_table, timed
+from bench.common import int_list, interleave, md_table, timed
 from llama_jax.model import Pages, attend, paged_attend, preset
 
 BLOCK, POOL_TOKENS_PER_ROW = 16, 4096
@@ -68,13 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.paged_attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--contexts", default="150,1000,3000")
-    parser.add_argument("--spans", default="128,256,512")
+    parser.add_argument("--contexts", type=int_list, default="150,1000,3000")
+    parser.add_argument("--spans", type=int_list, default="128,256,512")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args(argv)
     config = preset(args.preset)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    spans = [int(s) for s in args.spans.split(",")]
+    contexts, spans = args.contexts, args.spans
     if (min(contexts) < 1 or max(contexts) > POOL_TOKENS_PER_ROW or args.rows < 1
             or any(span < BLOCK or POOL_TOKENS_PER_ROW % span or span % BLOCK for span in spans)):
         parser.error(f"contexts must be in 1..{POOL_TOKENS_PER_ROW}, spans multiples of {BLOCK} that divide "

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import md_table
+from bench.common import int_list, md_table
 from llama_jax import init_params, preset
 from llama_jax.generation import PagedEngine, Request
 
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.prefill_budget", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-135m")
-    parser.add_argument("--budgets", default="128,256,512")
+    parser.add_argument("--budgets", type=int_list, default="128,256,512")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = args.budgets
     if min(budgets) < 1 or args.rounds < 1:
         parser.error("budgets and rounds must be >= 1")
     config = preset(args.preset)
