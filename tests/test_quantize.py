@@ -14,7 +14,8 @@ from convert.__main__ import main as convert_main
 from infer.__main__ import main as infer_main
 from llama_jax.checkpoints import load_params, open_checkpoint
 from llama_jax.generation import Engine
-from llama_jax.model import QuantArray, param_logical_names, quantize, quantize_tree
+from llama_jax.model import QuantArray, param_logical_names, quantize, quantize_tree, rows_layout
+from llama_jax.model.weights import GEMV_ROWS, multiply_reduce
 
 
 def run(main, capsys, *args):
@@ -62,6 +63,42 @@ def test_int8_forward_is_the_float_forward_of_the_dequantized_weights(tmp_path, 
     rest, _ = forward(quantized, tokens[:, 5:], config, cache=cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), reference, atol=2e-5)
     assert float(jnp.abs(reference - forward(params, tokens, config)[0]).max()) > 1e-5  # it is quantized
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("bse,ehd->bshd", (2, 3, 16), (16, 4, 8)), ("bsf,fe->bse", (1, 1, 32), (32, 16)),
+    ("bsi,io->bso", (3, 1, 16), (16, 24)), ("bse,ev->bsv", (1, 2, 16), (16, 40))])
+def test_multiply_reduce_is_the_einsum(spec, x_shape, w_shape):
+    """The GPU's one-token int8 product, a broadcast multiply summed over the contracted axes, against the einsum
+    on random float32 operands (every spec the model projects with)."""
+    rng = np.random.default_rng(3)
+    x, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in (x_shape, w_shape))
+    want = jnp.einsum(spec, x, w, precision="highest")
+    np.testing.assert_allclose(multiply_reduce(spec, x, w), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("variant", ["bias", "tied"])
+def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
+    """What a GPU Engine runs on int8 weights: the values laid out as rows (`rows_layout`: contracted axes
+    innermost, the logical shape unchanged) and one-token products as multiply + reduce (`project` when the backend
+    is a GPU; the backend is faked here, the arithmetic is the same). Prefill (8 rows, the dot) and then decode one
+    token at a time (the reduction) give the float logits of values * scale within 2e-5."""
+    config, params, _ = load_fixture(variant)
+    quantized = lj.unstack_layers(quantize_tree(params, param_logical_names(config)))
+    laid_out = rows_layout(quantized)
+    q = laid_out["layer_0"]["mlp"]["up"] if "mlp" in laid_out["layer_0"] else None
+    assert q is not None and q.values.format.layout.major_to_minor == (1, 0)  # [embed, mlp] stored as [mlp, embed]
+    tokens = jnp.array([[3, 17, 42, 7, 99, 5, 1, 64, 9, 12, 30]])
+    reference = jax.jit(lj.forward, static_argnames="config")(dequantized(quantized), tokens, config)[0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    forward = jax.jit(lj.forward, static_argnames="config")
+    assert GEMV_ROWS < 8
+    logits, cache = forward(laid_out, tokens[:, :8], config, cache=lj.init_cache(config, 1, 16))
+    steps = [logits]
+    for i in range(8, tokens.shape[1]):
+        logits, cache = forward(laid_out, tokens[:, i:i + 1], config, cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), reference, atol=2e-5)
 
 
 def test_int8_kv_cache_stores_a_scale_per_token_and_head(tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 from llama_jax.generation.sampling import GREEDY, SamplingParams, candidates, row_keys, sampling_rows
 from llama_jax.generation.steps import EMPTY, DecodeState, Emitted, decode_loop, prefill
 from llama_jax.model import (CACHE_NAMES, KVCache, LlamaConfig, check_attention, init_cache, named_sharding,
-                             param_logical_names, tree_shardings, unstack_layers)
+                             param_logical_names, rows_layout, tree_shardings, unstack_layers)
 from llama_jax.model import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_options  # a global here: a test swaps it
 
 MIN_BUCKET = 16
@@ -121,6 +121,8 @@ class Engine:
         params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if stacked else params
+        if jax.tree.leaves(self.params)[0].devices().pop().platform == "gpu":  # int8 weights read as rows
+            self.params = rows_layout(self.params)
         self._executables: dict[Any, Any] = {}
         self._compiler_options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(self.params) else {}
 

@@ -46,7 +46,7 @@ from llama_jax.generation.drafting import DraftModel, Drafter
 from llama_jax.generation.speculation import NgramProposer, verify_pages
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
                              init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
-                             adapter_count, tree_shardings, unstack_layers)
+                             adapter_count, rows_layout, tree_shardings, unstack_layers)
 
 
 class PagedEngine:
@@ -90,6 +90,8 @@ class PagedEngine:
         params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
+        if jax.tree.leaves(self.params)[0].devices().pop().platform == "gpu":  # int8 weights read as rows
+            self.params = rows_layout(self.params)
         pool = init_paged_cache(config, self.blocks.usable + 1, block_size, cache_dtype)
         self.pool = jax.device_put(pool, None if mesh is None else jax.tree.map(
             lambda a: named_sharding(mesh, POOL_NAMES, a.shape), pool))

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.experimental.layout import Format, Layout
 
 QUANTIZATIONS = ("int8",)
 # The input (contracted) logical axes of each quantized weight, by its params name; every other weight with two or
@@ -67,8 +68,27 @@ class QuantArray:
         """The scale without its contracted axes: it broadcasts against a matmul output `[..., *kept axes]`."""
         return self.scale.reshape([s for s, n in zip(self.scale.shape, self.shape, strict=True) if s != 1 or n == 1])
 
+    @property
+    def contracted(self) -> tuple[int, ...]:
+        """The contracted (input) axes: those the scale does not span."""
+        return tuple(i for i, (s, n) in enumerate(zip(self.scale.shape, self.shape, strict=True)) if s == 1 and n != 1)
+
     def dequantize(self, dtype) -> jax.Array:
         return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def rows_layout(params: Any) -> Any:
+    """`params` with each int8 weight's values stored with their contracted axes innermost (an `[in, out]` weight
+    as `[out, in]` in memory); the logical shapes, and so the model code, are unchanged (jit compiles for the layout
+    its arguments have). On a GPU, `weights.project` multiplies a single token by such a weight as a row reduction,
+    which reads each int8 byte once in long contiguous runs: the Engines lay out their params so there."""
+    def one(w):
+        if not isinstance(w, QuantArray):
+            return w
+        order = tuple(i for i in range(w.ndim) if i not in w.contracted) + w.contracted
+        return w.replace(values=jax.device_put(w.values, Format(Layout(major_to_minor=order), w.values.sharding)))
+
+    return jax.tree.map(one, params, is_leaf=lambda leaf: isinstance(leaf, QuantArray))
 
 
 def input_axes(path: tuple[str, ...], names: tuple[str | None, ...]) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike, and
 with or without a LoRA adapter (`lora`)."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,12 @@ INIT = nn.initializers.normal(0.02)
 # alive at a time, at the price of converting at every use (the Engine and a LoRA step over a narrow base use them).
 CPU_NARROW_WEIGHT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                              "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+# On a GPU, XLA reads an int8 weight converted inside a dot with one token at a fraction of the memory bandwidth
+# (bench/gpu_tune.py); a product of at most GEMV_ROWS token rows is a multiply and a float32 sum instead (see
+# `multiply_reduce` and `quant.rows_layout`).
+GEMV_ROWS = 1
 
 
 def narrow_weight_options(params) -> dict:
@@ -41,9 +49,32 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     if isinstance(w, AdaptedWeight):
         return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
-        out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+        rows = x.size // math.prod(w.shape[i] for i in w.contracted)
+        if rows <= GEMV_ROWS and jax.default_backend() == "gpu":
+            out = multiply_reduce(spec, x, w.values)
+        else:
+            out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (out * w.output_scale).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def multiply_reduce(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` in float32, as a broadcast product summed over the contracted axes: XLA fuses it into
+    one reduction that reads w once (a GEMV), where a dot would convert an int8 w first. The contracted axes come
+    last, so that with w laid out by `quant.rows_layout` the sum runs along contiguous memory. For one token only:
+    at 4 and 8 rows it re-reads w per row (4x and 8x slower than the dot on an H200)."""
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    contracted = [a for a in w_axes if a not in out]
+    full = [a for a in w_axes if a in out] + [a for a in x_axes if a not in w_axes] + contracted
+
+    def spread(a: jax.Array, axes: str) -> jax.Array:  # a's axes in `full`'s order, length 1 where it has none
+        a = jnp.transpose(a.astype(jnp.float32), [axes.index(n) for n in full if n in axes])
+        return jnp.expand_dims(a, tuple(i for i, n in enumerate(full) if n not in axes))
+
+    kept = full[:len(full) - len(contracted)]
+    summed = jnp.sum(spread(x, x_axes) * spread(w, w_axes), axis=tuple(range(len(kept), len(full))))
+    return jnp.transpose(summed, [kept.index(n) for n in out])
 
 
 def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array:
