@@ -38,8 +38,12 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
             ) -> jax.Array:
     """`jnp.einsum(spec, x, w)` accumulated in float32 and returned in `out_dtype` (default x's dtype).
 
-    With bfloat16 operands and a bfloat16 result XLA:CPU converts the whole weight to float32 at every call;
-    asking for a float32 result lets it multiply the bfloat16 weight directly (about 8x faster per matmul).
+    The dot's own result type (`result_dtype`): float32 on a CPU, where with bfloat16 operands and a bfloat16
+    result XLA:CPU converts the whole weight to float32 at every call (asking for float32 lets it multiply the
+    bfloat16 weight directly, about 8x faster per matmul). On a GPU or TPU it is `out_dtype` (the accumulation is
+    float32 inside the matmul unit either way), because a float32 result makes the cotangent float32 and so both
+    of its gradient dots float32 x bfloat16: float32 (TF32) GEMMs at half the bfloat16 rate, 54% of a Llama-3.2-1B
+    bf16 training step's GPU time before (bench/gpu_tune.py's train trace).
     An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU the convert fuses into the matmul, so
     the int8 bytes are what is read) and the output channels scaled after; `spec` must put w's kept axes last in
     the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
@@ -47,7 +51,8 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, AdaptedWeight):
-        return (project(spec, x, w.base, jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
+        base = project(spec, x, w.base, result_dtype(x.dtype))
+        return (base.astype(jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
         rows = x.size // math.prod(w.shape[i] for i in w.contracted)
         if rows <= GEMV_ROWS and jax.default_backend() == "gpu":
@@ -55,7 +60,12 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
         else:
             out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (out * w.output_scale).astype(out_dtype)
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=result_dtype(out_dtype)).astype(out_dtype)
+
+
+def result_dtype(out_dtype):
+    """What a float projection's dot returns (see `project`): float32 on a CPU, else `out_dtype`."""
+    return jnp.float32 if jax.default_backend() == "cpu" else out_dtype
 
 
 def multiply_reduce(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
