@@ -4,18 +4,20 @@ Each candidate runs in a child process of its own (`python -m bench.gpu_tune CAS
 XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the parent never starts jax on the GPU.
 
   limits   the HBM bandwidth (a 4 GiB in-place copy) and the bf16 peak (an 8192^3 matmul): the rooflines below
-  proj     the matmuls of Llama-3-8B's 32 decoder layers (q, k, v, o, gate, up, down; no attention) at batch 1 and 8,
-           as one scan over stacked weights: bfloat16 weights, and int8 weights in three formulations (`project`'s
-           convert inside the dot; multiply + reduce; a mixed bf16 x int8 `dot_general`), under each flag set: time
-           against the bytes of the weights at the measured bandwidth, and int8 against bf16
-  decode   the Llama-3-8B Engine decode at batch 64 (bfloat16, random weights made on the device) per flag set:
-           tokens/s against the HBM roofline
-  prefill  time to first token of a 2,048-token prompt under the flag sets (MFU must stay >= 76%)
-  train    a Llama-3.2-1B full fine-tuning step (float32 params and AdamW, bfloat16 compute): remat policies, batch
-           sizes, the vocabulary-chunked loss against the whole-vocabulary one (vocab_chunk = vocab), flag sets: MFU
+  engines  the Llama-3-8B Engine's decode (random weights made on the device, 128-token prompts) in bfloat16 and
+           int8 at batch 1, 8 and 64: tokens/s against the HBM roofline, int8 against bfloat16, and whether row 0's
+           greedy tokens match the first run's (random weights: near-ties flip)
+  train    a Llama-3.2-1B full fine-tuning step (float32 params and AdamW, bfloat16 compute, cuDNN attention):
+           remat dots with the vocabulary-chunked loss (its profile goes to train.trace.json.gz), the whole-
+           vocabulary loss, remat none, batch 16: MFU
+  proj     the matmuls of Llama-3-8B's 32 decoder layers (q, k, v, o, gate, up, down; no attention; one array per
+           layer, as the Engines hold them) at batch 1, 4 and 8, each formulation called explicitly: bfloat16
+           weights; int8 converted in a dot, in the default layout and in `rows_layout`; int8 as `multiply_reduce`
+           and as `packed_reduce` (int32 words) in `rows_layout`: time against the weights' bytes at the measured
+           bandwidth, int8 against bfloat16, and each int8 product's error against float32 (the programs' HLO
+           after optimization goes to hlo.tgz)
 
-The cases run in this order (the int8 and decode targets first, then training, then the TTFT check) until
---time-budget seconds have passed (the rest are reported as skipped); results.json
+The cases run in this order until --time-budget seconds have passed (the rest are reported as skipped); results.json
 and results.md go to --out-dir (default $OUT or ./bench_results) after every case. `--dry-run` runs every case the
 same way at tiny shapes on whatever backend is here (a CPU does): the code paths and each flag set are exercised,
 the numbers mean nothing. Importing jax here starts no backend: only the children touch a device.
@@ -25,16 +27,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from bench.common import md_table, timed
-from llama_jax.model import QuantArray, project
+from llama_jax.model import QuantArray, multiply_reduce, rows_layout
 
 FLAG_SETS = {
     "default": "",
@@ -42,122 +48,183 @@ FLAG_SETS = {
     "no-remat-pass": "--xla_disable_hlo_passes=rematerialization",
     "latency-hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
-PROJ_BATCHES = (1, 8)
+PROJ_BATCHES = (1, 4, 8)
+PROJ_WEIGHTS = ["bfloat16", "int8:dot", "int8:dot-rows", "int8:reduce-rows", "int8:packed-rows"]
 CASES = [{"kind": "limits", "flags": "default"}]
-CASES += [{"kind": "proj", "weights": w, "flags": f} for w, f in (
-    ("bfloat16", "default"), ("int8:convert-dot", "default"), ("int8:convert-dot", "triton-gemm"),
-    ("int8:mul-reduce", "default"), ("int8:mixed-dot", "default"), ("int8:mixed-dot", "triton-gemm"))]
-CASES += [{"kind": "decode", "flags": f} for f in ("default", "triton-gemm", "latency-hiding")]
+CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("bfloat16", "int8")]}]
+CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
 CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
-    ("dots", 8, "chunked", "default"), ("dots", 8, "whole", "default"), ("dots", 8, "chunked", "no-remat-pass"),
-    ("full", 8, "chunked", "default"), ("dots", 8, "chunked", "latency-hiding"), ("dots", 4, "chunked", "default"))]
-CASES += [{"kind": "prefill", "flags": f} for f in ("default", "triton-gemm")]
+    ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]
+CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True}]
 SHAPES = {False: {"decode_model": "llama3-8b", "train_model": "llama3.2-1b", "seq": 2048, "prompt": 128,
-                  "long_prompt": 2048, "new_tokens": 64, "decode_batch": 64, "copy_bytes": 4 << 30, "peak": 8192},
-          True: {"decode_model": "tiny", "train_model": "tiny", "seq": 64, "prompt": 16, "long_prompt": 64,
-                 "new_tokens": 4, "decode_batch": 4, "copy_bytes": 1 << 20, "peak": 256}}
+                  "new_tokens": 64, "copy_bytes": 4 << 30, "peak": 8192},
+          True: {"decode_model": "tiny", "train_model": "tiny", "seq": 64, "prompt": 16,
+                 "new_tokens": 4, "copy_bytes": 1 << 20, "peak": 256}}
 
 
 def label(case: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in case.items() if k != "kind")
+    if case["kind"] == "engines":
+        return "; ".join(f"{w} batch {b}" for w, b in case["runs"])
+    return ", ".join(f"{k} {'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in case.items()
+                     if k not in ("kind", "dump_hlo", "trace"))
 
 
 # -- in the child ---------------------------------------------------------------------------------------------------
 
-def int8_matmul(formulation: str, x: jax.Array, w: QuantArray) -> jax.Array:
-    """x `[batch, in]` (bfloat16) @ int8 w `[in, out]` -> `[batch, out]` in x's dtype, formulated as:
-    convert-dot (`project`: the int8 values converted inside the dot), mul-reduce (a broadcast multiply and a
-    float32 sum over `in`: a GEMV that XLA fuses as a reduction), or mixed-dot (one `dot_general` of bfloat16 x int8
-    operands)."""
-    if formulation == "convert-dot":
-        return project("bi,io->bo", x, w)
-    if formulation == "mul-reduce":
-        product = x[:, :, None] * w.values.astype(x.dtype)
-        return (jnp.sum(product, axis=1, dtype=jnp.float32) * w.output_scale).astype(x.dtype)
-    if formulation == "mixed-dot":
-        out = jax.lax.dot_general(x, w.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return (out * w.output_scale).astype(x.dtype)
-    raise ValueError(f"unknown int8 formulation {formulation!r}")
+def packed_reduce(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x `[batch, in]` @ int8 w `[in, out]` (in `rows_layout`) in float32, reading w as int32 words of 4 int8
+    values each (a quarter of the loads), unpacked by shifts: a candidate for `multiply_reduce` on a GPU."""
+    n_in, n_out = w.shape
+    words = jax.lax.bitcast_convert_type(w.T.reshape(n_out, n_in // 4, 4), jnp.int32)  # [out, in / 4]
+    xs = x.astype(jnp.float32).reshape(x.shape[0], 1, n_in // 4, 4)
+    total = sum(xs[..., k] * jax.lax.shift_right_arithmetic(words << (24 - 8 * k), 24).astype(jnp.float32)
+                for k in range(4))
+    return jnp.sum(total, axis=-1)
 
 
 def proj_case(case: dict, config, rounds: int = 5) -> dict:
-    """Seconds per pass over the 32 layers' matmuls at each of PROJ_BATCHES, best of `rounds`."""
-    weights, _, formulation = case["weights"].partition(":")
+    """For each of case["weights"]: seconds per pass over the 32 layers' matmuls (one array per layer, as the
+    Engines hold them) at each of PROJ_BATCHES (best of `rounds`), and the int8 ones' relative error against the
+    float32 product of the dequantized weight (layer 0's gate, 8 rows). Weights: bfloat16; int8 converted in a
+    dot (what `project` does above GEMV_ROWS rows) in the default layout or in `rows_layout`; int8 as
+    `multiply_reduce` (what `project` does on a GPU up to GEMV_ROWS rows) or `packed_reduce`, in `rows_layout`."""
     e, m, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     shapes = {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, m), "up": (e, m), "down": (m, e)}
-    keys = dict(zip(shapes, jax.random.split(jax.random.key(0), len(shapes)), strict=True))
+    seconds, errors = {}, {}
+    for weights in case["weights"]:
+        kind, _, how = weights.partition(":")
 
-    def make(name, shape):
-        if weights == "bfloat16":
-            return (jax.random.normal(keys[name], (layers, *shape), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-        values = jax.random.randint(keys[name], (layers, *shape), -127, 128, jnp.int8)
-        return QuantArray(values, jnp.full((layers, 1, shape[1]), 0.02 / 127, jnp.float32))
+        def make(key, shape, kind=kind):
+            if kind == "bfloat16":
+                return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+            scale = jax.random.uniform(key, (1, shape[1]), jnp.float32, 0.5, 1.5) * (0.02 / 127)
+            return QuantArray(jax.random.randint(key, shape, -127, 128, jnp.int8), scale)
 
-    stack = {name: jax.jit(make, static_argnums=(0, 1))(name, shape) for name, shape in shapes.items()}
+        make = jax.jit(make, static_argnums=(1,))
+        stack = [{name: make(jax.random.key(i * 8 + j), shape) for j, (name, shape) in enumerate(shapes.items())}
+                 for i in range(layers)]
+        stack = rows_layout(stack) if how.endswith("rows") else stack
 
-    def mm(x, w):
-        return int8_matmul(formulation, x, w) if isinstance(w, QuantArray) else project("bi,io->bo", x, w)
+        def mm(x, w, how=how):  # x [batch, in] (bfloat16); each formulation explicitly, whatever `project` picks
+            if how.startswith("packed"):
+                out = packed_reduce(x, w.values)
+            elif how.startswith("reduce"):
+                out = multiply_reduce("bi,io->bo", x, w.values)
+            elif how.startswith("dot"):
+                out = jnp.einsum("bi,io->bo", x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+            else:
+                return jnp.einsum("bi,io->bo", x, w, preferred_element_type=x.dtype)
+            return (out * w.output_scale).astype(x.dtype)
 
-    def layer(h, w):  # h [batch, embed]: every matmul of a decoder layer, in the order the model runs them
-        o = mm(mm(h, w["q"]), w["o"])
-        d = mm(jax.nn.silu(mm(h, w["gate"])) * mm(h, w["up"]), w["down"])
-        return h + o + d, (mm(h, w["k"]), mm(h, w["v"]))
+        def run(x, stack, mm=mm):
+            for w in stack:  # every matmul of a decoder layer, in the order the model runs them
+                o = mm(mm(x, w["q"]), w["o"])
+                d = mm(jax.nn.silu(mm(x, w["gate"])) * mm(x, w["up"]), w["down"])
+                x = x + o + d + 0 * (mm(x, w["k"]).sum() + mm(x, w["v"]).sum()).astype(x.dtype)
+            return x
 
-    run = jax.jit(lambda x, stack: jax.lax.scan(layer, x, stack))
-    out = {}
-    for batch in PROJ_BATCHES:
-        x = jnp.full((batch, e), 0.01, jnp.bfloat16)
-        jax.block_until_ready(run(x, stack))  # compiles
-        out[f"batch {batch}"] = min(timed(lambda: jax.block_until_ready(run(x, stack))) for _ in range(rounds))
-    return {"seconds": out}
+        run = jax.jit(run)
+        times = {}
+        for batch in case.get("batches", PROJ_BATCHES):
+            x = (jax.random.normal(jax.random.key(batch), (batch, e), jnp.float32) * 0.01).astype(jnp.bfloat16)
+            jax.block_until_ready(run(x, stack))  # compiles
+            times[f"batch {batch}"] = min(timed(lambda x=x: jax.block_until_ready(run(x, stack)))
+                                          for _ in range(rounds))
+        seconds[weights] = times
+        if kind == "int8":
+            w = stack[0]["gate"]
+            x = jax.random.normal(jax.random.key(7), (8, e), jnp.float32).astype(jnp.bfloat16)
+            want = x.astype(jnp.float32) @ w.dequantize(jnp.float32)
+            got = jax.jit(mm)(x, w).astype(jnp.float32)
+            errors[weights] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        del stack
+    return {"seconds": seconds, "rel_error": errors}
 
 
-def run_case(case: dict, tiny: bool) -> dict:
+def engines_case(case: dict, shapes: dict) -> dict:
+    """Engine decode tokens/s and TTFT for each [weights, batch] of case["runs"] on one set of random
+    Llama-3-8B-shape bfloat16 weights and their int8 quantization (`quantize_tree`), bfloat16 compute and cache."""
+    from bench.decode import OurGenerate
+    from llama_jax import init_params, preset
+    from llama_jax.model import param_logical_names, quantize_tree
+
+    config = preset(shapes["decode_model"])
+    params = init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
+    quantized = jax.jit(lambda p: quantize_tree(p, param_logical_names(config)))(params)
+    out = []
+    for kind, batch in case["runs"]:
+        ours = OurGenerate(quantized if kind == "int8" else params, config, dtype=jnp.bfloat16, batch=batch,
+                           prompt_len=shapes["prompt"], new_tokens=shapes["new_tokens"])
+        runs = [ours() for _ in range(2)]
+        out.append({"weights": kind, "batch": batch, "compile_s": ours.compile_s,
+                    "decode_tok_s": max(r["decode_tok_s"] for r in runs), "ttft_s": min(r["ttft_s"] for r in runs),
+                    "row0": ours.engine.generate(ours.prompts, max_new_tokens=shapes["new_tokens"], stop_ids=())
+                    .completions[0].tokens})  # random_prompts' first row is the same prompt at every batch
+        del ours
+    return {"runs": out}
+
+
+def traced(fn: Callable[[], object], out: Path) -> None:
+    """Run `fn` under jax's profiler and keep the perfetto trace at `out` (a .json.gz; the rest is dropped)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            fn()
+        found = sorted(Path(tmp).rglob("*.trace.json.gz")) or sorted(Path(tmp).rglob("*.json.gz"))
+        if found:
+            shutil.copy(found[0], out)
+
+
+def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
     """One case, here (the child); returns its measurements."""
     from bench import machine
-    from bench.decode import OurGenerate
     from bench.train import OurTrainStep
     from llama_jax import init_params, preset
     from llama_jax.training import VOCAB_CHUNK
 
     shapes = SHAPES[tiny]
+    attention = "xla" if tiny or jax.default_backend() != "gpu" else "cudnn"
     if case["kind"] == "limits":
         limits = machine.limits(nbytes=shapes["copy_bytes"], repeats=5, peak_size=shapes["peak"], host=False)
         return {"bandwidth": limits["bandwidth"], "peak_bf16": limits["peak"]["bfloat16"],
-                "backend": jax.default_backend(), "jax": jax.__version__}
+                "backend": jax.default_backend(), "jax": jax.__version__,
+                "device": str(jax.devices()[0].device_kind)}
     if case["kind"] == "proj":
         return proj_case(case, preset(shapes["decode_model"]))
-    if case["kind"] in ("decode", "prefill"):
-        config = preset(shapes["decode_model"])
-        params = init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
-        decode = case["kind"] == "decode"
-        ours = OurGenerate(params, config, dtype=jnp.bfloat16, batch=shapes["decode_batch"] if decode else 1,
-                           prompt_len=shapes["prompt"] if decode else shapes["long_prompt"],
-                           new_tokens=shapes["new_tokens"] if decode else 2)
-        runs = [ours() for _ in range(3)]
-        return {"decode_tok_s": max(r["decode_tok_s"] for r in runs), "ttft_s": min(r["ttft_s"] for r in runs),
-                "compile_s": ours.compile_s}
+    if case["kind"] == "engines":
+        return engines_case(case, shapes)
     config = preset(shapes["train_model"])
     params = init_params(config, jax.random.key(1), dtype=jnp.float32)
     ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=case["batch"], seq_len=shapes["seq"],
-                        remat=case["remat"], copy_params=False,
+                        remat=case["remat"], copy_params=False, attention=attention,
                         vocab_chunk=config.vocab_size if case["vocab_chunk"] == "whole" else VOCAB_CHUNK)
     runs = [ours() for _ in range(3)]
-    return {"step_s": min(r["step_s"] for r in runs), "loss": runs[0]["loss"], "compile_s": ours.compile_s}
+    if case.get("trace"):
+        traced(ours, out_dir / f"{case['kind']}.trace.json.gz")
+    return {"step_s": min(r["step_s"] for r in runs), "loss": runs[0]["loss"], "compile_s": ours.compile_s,
+            "attention": attention}
 
 
 # -- in the parent --------------------------------------------------------------------------------------------------
 
-def child(case: dict, tiny: bool, timeout: float) -> dict:
-    """`run_case` in a child process under the case's flag set; its result, or {"error": why}."""
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAG_SETS[case['flags']]}".strip(),
+def child(case: dict, tiny: bool, timeout: float, out_dir: Path) -> dict:
+    """`run_case` in a child process under the case's flag set; its result, or {"error": why}. A case with dump_hlo
+    leaves XLA's optimized HLO of its programs in out_dir/hlo.tgz."""
+    dump = Path(tempfile.mkdtemp()) if case.get("dump_hlo") else None
+    flags = FLAG_SETS[case["flags"]] + (f" --xla_dump_to={dump} --xla_dump_hlo_as_text" if dump else "")
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+    command = [sys.executable, "-m", "bench.gpu_tune", json.dumps(case), str(out_dir), *(["--tiny"] if tiny else [])]
     try:
-        done = subprocess.run([sys.executable, "-m", "bench.gpu_tune", json.dumps(case), *(["--tiny"] if tiny else [])],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"over the {timeout:.0f} s left"}
+    finally:
+        if dump:
+            with tarfile.open(out_dir / "hlo.tgz", "w:gz") as tar:
+                for path in dump.glob("*after_optimizations.txt"):
+                    tar.add(path, arcname=path.name)
+            shutil.rmtree(dump, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
@@ -165,37 +232,52 @@ def child(case: dict, tiny: bool, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def agreed(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens of `tokens` equal `reference`'s."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
 def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
     """The case's result against its floor (roofline fraction or MFU, from the `earlier` results' limits case) and,
-    for int8 projections, their speed against the bfloat16 ones measured earlier."""
+    for int8 projections, their speed against the bfloat16 ones measured in the same child."""
     from bench import roofline
     from llama_jax import preset
 
     if "error" in result or case["kind"] == "limits":
         return result.get("error") or (f"{result['bandwidth'] / 1e9:.0f} GB/s, bf16 peak "
-                                       f"{result['peak_bf16'] / 1e12:.0f} TFLOP/s ({result['backend']})")
+                                       f"{result['peak_bf16'] / 1e12:.0f} TFLOP/s ({result['backend']}, "
+                                       f"{result.get('device')}, jax {result.get('jax')})")
     limits = next((r for r in earlier if r["kind"] == "limits" and "error" not in r), {})
     shapes, bandwidth, peak = SHAPES[tiny], limits.get("bandwidth", float("nan")), limits.get("peak_bf16", float("nan"))
     if case["kind"] == "proj":
         c = preset(shapes["decode_model"])
         values = roofline.matmul_params(c) - c.hidden_size * c.vocab_size  # the decoder layers' weights, no head
-        floor = values * (2 if case["weights"] == "bfloat16" else 1) / bandwidth
-        bf16 = next((r["seconds"] for r in earlier if r["kind"] == "proj" and r["weights"] == "bfloat16"
-                     and "seconds" in r), {})
-        return "; ".join(f"{name}: {seconds * 1e3:.2f} ms, {floor / seconds:.0%} of roofline"
-                         + (f", {bf16[name] / seconds:.2f}x bf16" if case["weights"] != "bfloat16" and bf16 else "")
-                         for name, seconds in result["seconds"].items())
-    if case["kind"] == "decode":
+        bf16 = result["seconds"].get("bfloat16", {})
+        parts = []
+        for weights, seconds in result["seconds"].items():
+            floor = values * (2 if weights == "bfloat16" else 1) / bandwidth
+            error = f" (error {result['rel_error'][weights]:.1e})" if weights in result["rel_error"] else ""
+            parts.append(f"{weights}{error}: " + ", ".join(
+                f"{name} {s * 1e3:.2f} ms {floor / s:.0%} roofline"
+                + (f" {bf16[name] / s:.2f}x bf16" if weights != "bfloat16" and bf16 else "")
+                for name, s in seconds.items()))
+        return "; ".join(parts)
+    if case["kind"] == "engines":
         config = preset(shapes["decode_model"])
         context = roofline.decode_mean_context(shapes["prompt"], shapes["new_tokens"])
-        limit = roofline.decode_limit(config, shapes["decode_batch"], context, "bfloat16", bandwidth)
-        return f"{result['decode_tok_s']:.0f} tok/s, {result['decode_tok_s'] / limit:.0%} of roofline"
-    if case["kind"] == "prefill":
-        flops = roofline.prefill_flops(preset(shapes["decode_model"]), 1, shapes["long_prompt"])
-        return f"TTFT {result['ttft_s'] * 1e3:.0f} ms, MFU {roofline.mfu(flops, result['ttft_s'], peak):.0%}"
+        parts, bf16 = [], {r["batch"]: r["decode_tok_s"] for r in result["runs"] if r["weights"] == "bfloat16"}
+        first = {r["weights"]: r["row0"] for r in reversed(result["runs"])}  # each dtype's first run's row 0
+        for r in result["runs"]:
+            int8 = r["weights"] == "int8"
+            limit = roofline.decode_limit(config, r["batch"], context, r["weights"], bandwidth, "bfloat16")
+            versus = f", {r['decode_tok_s'] / bf16[r['batch']]:.2f}x bf16" if int8 and r["batch"] in bf16 else ""
+            parts.append(f"{r['weights']} batch {r['batch']}: {r['decode_tok_s']:.0f} tok/s, "
+                         f"{r['decode_tok_s'] / limit:.0%} of roofline{versus}, TTFT {r['ttft_s'] * 1e3:.0f} ms, "
+                         f"row 0 {agreed(r['row0'], first[r['weights']])}/{len(r['row0'])} tokens as the first run")
+        return "; ".join(parts)
     flops = roofline.train_flops(preset(shapes["train_model"]), case["batch"], shapes["seq"])
     return (f"{result['step_s']:.3f} s/step, MFU {roofline.mfu(flops, result['step_s'], peak):.0%}, "
-            f"loss {result['loss']:.3f}")
+            f"loss {result['loss']:.3f}, attention {result.get('attention')}")
 
 
 def run(args) -> int:
@@ -207,7 +289,7 @@ def run(args) -> int:
         left = deadline - time.perf_counter()
         print(f"[bench gpu-tune {time.strftime('%H:%M:%S')}] {case['kind']}: {label(case)}", file=sys.stderr,
               flush=True)
-        result = child(case, args.dry_run, left) if left > 5 else {"error": "skipped: --time-budget spent"}
+        result = child(case, args.dry_run, left, out_dir) if left > 5 else {"error": "skipped: --time-budget spent"}
         rows.append([case["kind"], label(case), figures(case, result, results, args.dry_run)])
         results.append({**case, **result})
         (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -217,4 +299,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_case(json.loads(sys.argv[1]), "--tiny" in sys.argv[2:])), flush=True)
+    print(json.dumps(run_case(json.loads(sys.argv[1]), "--tiny" in sys.argv[3:], Path(sys.argv[2]))), flush=True)
