@@ -132,7 +132,7 @@ def test_a_lone_request_runs_one_row_whatever_the_slots(gqa):
                                                                                       (1, 32)]
     config, params, ref = gqa
     request = requests_of(ref)[0]
-    engine = PagedEngine(params, config, slots=16, max_len=MAX_LEN, max_batch_tokens=512, chunk=4, top_logprobs=3)
+    engine = PagedEngine(params, config, slots=16, max_len=MAX_LEN, chunk=4, top_logprobs=3)
     got, _ = serve(engine, [request])
     assert got[0] == solo(config, params, request)
     assert {shape for kind, shape in engine.runs if kind == "decode"} == {1}

@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 
 from infer.speculate import HELP as SPECULATE_HELP
@@ -32,8 +31,7 @@ from infer.speculate import check_spec, open_draft, proposer
 from infer.weights import load_weights
 from llama_jax.checkpoints import cache_home, open_checkpoint, smollm2_checkpoint
 from llama_jax.errors import InputError, exit_code
-from llama_jax.generation import (PagedEngine, Scheduler, check_sizes, default_batch_tokens,
-                                  enable_compilation_cache)
+from llama_jax.generation import PagedEngine, Scheduler, check_sizes, enable_compilation_cache
 from llama_jax.model import COMPUTE_DTYPES, check_quantization, make_mesh
 from llama_jax.text import encoder_for
 
@@ -50,8 +48,7 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=2048, help="tokens per request, prompt plus completion")
     p.add_argument("--kv-tokens", type=int, help="token slots in the KV pool (default: --slots x --max-len)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (divides --max-len)")
-    p.add_argument("--max-batch-tokens", type=int,
-                   help="prompt tokens prefilled per step, at most (default: 256 on a CPU, 512 on a GPU or TPU)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="prompt tokens prefilled per step, at most")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt whole, sharing nothing between requests")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 429s")
@@ -83,8 +80,6 @@ def parse_args(argv):
     if problem := check_spec(args.speculate, args.speculate_tokens):
         p.error(problem)
     args.kv_tokens = args.slots * args.max_len if args.kv_tokens is None else args.kv_tokens
-    if args.max_batch_tokens is None:
-        args.max_batch_tokens = default_batch_tokens(jax.default_backend())
     try:
         check_sizes(slots=args.slots, max_len=args.max_len, kv_tokens=args.kv_tokens, block_size=args.block_size,
                     max_batch_tokens=args.max_batch_tokens, chunk=args.chunk)

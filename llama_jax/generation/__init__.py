@@ -6,7 +6,7 @@ paged KV pool with a prefix cache; `Scheduler` runs it on a thread."""
 from llama_jax.generation.engine import (Completion, Engine, Generation, bucket, cache_length, enable_compilation_cache,
                                          left_pad, prefill_lengths)
 from llama_jax.generation.paged_engine import Output, PagedEngine, Request, Token
-from llama_jax.generation.paged_steps import block_size_for, check_sizes, compile_all, default_batch_tokens
+from llama_jax.generation.paged_steps import block_size_for, check_sizes, compile_all
 from llama_jax.generation.penalties import (MAX_LOGIT_BIAS, Counts, PenaltyRows, mask_words, penalize, penalty_rows,
                                              token_counts)
 from llama_jax.generation.sampling import GREEDY, SamplingParams, SamplingRows, row_keys, sample, sampling_rows
@@ -19,8 +19,7 @@ from llama_jax.generation.scoring import Perplexity, perplexity, sliding_windows
 __all__ = [
     "MAX_LOGIT_BIAS", "Counts", "PenaltyRows", "mask_words", "penalize", "penalty_rows", "token_counts",
     "EMPTY", "GREEDY", "Completion", "DecodeState", "Emitted", "Engine", "Generation", "Perplexity", "SamplingParams",
-    "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "default_batch_tokens",
-    "enable_compilation_cache", "left_pad",
+    "SamplingRows", "bucket", "cache_length", "decode_loop", "decode_step", "enable_compilation_cache", "left_pad",
     "perplexity", "prefill", "row_keys", "sample", "sampling_rows", "sliding_windows", "Output", "PagedEngine",
     "block_size_for", "compile_all", "Request", "Token", "check_sizes", "prefill_lengths", "QueueFull", "Scheduler",
     "Ticket", "Update", "token_logprobs", "NgramProposer", "verify_pages", "DraftModel",

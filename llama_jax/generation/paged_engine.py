@@ -39,7 +39,7 @@ import numpy as np
 
 from llama_jax.generation.blocks import BlockPool, block_keys, root_key
 from llama_jax.generation.paged_steps import (Programs, check_sizes, choose_shape, compile_all, decode_pages,
-                                              default_batch_tokens, powers_of_two, prefill_chunk, prefill_shapes)
+                                              powers_of_two, prefill_chunk, prefill_shapes)
 from llama_jax.generation.requests import Output, Request, RequestState, Token, check_request
 from llama_jax.generation.rows import decode_arrays, host_tokens, prefill_arrays, row_args, verify_arrays
 from llama_jax.generation.drafting import DraftModel, Drafter
@@ -55,8 +55,7 @@ class PagedEngine:
     params:           per layer, as `Engine` takes them (`load_params(..., per_layer=True)`); or stacked, then split.
                       With LoRA adapters `attach_many` put on them, each request runs its own (`Request.adapter`).
     block_size:       tokens per block; divides max_len.
-    max_batch_tokens: prompt tokens prefilled per step at most (one long prompt, or several short ones); by default
-                      `default_batch_tokens` of the platform.
+    max_batch_tokens: prompt tokens prefilled per step at most (one long prompt, or several short ones).
     prefix_cache:     reuse computed blocks across requests (see blocks.py).
     chunk:            decode steps per `step` (a request arriving meanwhile waits at most that long).
     top_logprobs:     0, or how many most likely tokens (with log-probabilities) to return with every token.
@@ -68,15 +67,12 @@ class PagedEngine:
     """
 
     def __init__(self, params: Any, config: LlamaConfig, *, slots: int, max_len: int, kv_tokens: int | None = None,
-                 block_size: int = 16, max_batch_tokens: int | None = None, prefix_cache: bool = True,
+                 block_size: int = 16, max_batch_tokens: int = 512, prefix_cache: bool = True,
                  stop_ids: Sequence[int] = (), cache_dtype=jnp.float32, dtype=jnp.float32, attention: str = "xla",
                  chunk: int = 4, top_logprobs: int = 0, mesh: jax.sharding.Mesh | None = None,
                  speculate: NgramProposer | DraftModel | None = None):
         check_attention(attention, dtype)
         kv_tokens = slots * max_len if kv_tokens is None else kv_tokens
-        if max_batch_tokens is None:
-            max_batch_tokens = default_batch_tokens(jax.default_backend() if mesh is None else
-                                                    mesh.devices.flat[0].platform)
         check_sizes(slots=slots, max_len=max_len, kv_tokens=kv_tokens, block_size=block_size,
                     max_batch_tokens=max_batch_tokens, chunk=chunk)
         self.config, self.slots, self.max_len, self.chunk, self.mesh = config, slots, max_len, chunk, mesh

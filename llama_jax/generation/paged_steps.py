@@ -71,13 +71,6 @@ def block_size_for(max_len: int) -> int:
     return next(b for b in (16, 8, 4, 2, 1) if max_len % b == 0)
 
 
-def default_batch_tokens(platform: str) -> int:
-    """Prompt tokens a step prefills at most, by default, on `platform` ("cpu", "gpu", "tpu"). On a CPU, 256: a
-    3,000-token prompt took 0.8x the time in chunks of 256 as in chunks of 512 (and 0.6x that of 1,024), with the same
-    throughput under load (bench notes in BENCHMARKS.md, "Serving: the prefill budget on a CPU"). Elsewhere 512."""
-    return 256 if platform == "cpu" else 512
-
-
 def prefill_shapes(max_batch_tokens: int, slots: int, max_len: int) -> list[tuple[int, int]]:
     """The (rows, width) shapes a prefill runs with: 1, 4 or 16 prompt chunks (rows <= slots) of the whole budget,
     a quarter or a sixteenth of it (at least 32 tokens, at most max_len), rows x width <= max_batch_tokens; so a
