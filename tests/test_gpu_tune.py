@@ -27,12 +27,13 @@ def test_every_flag_set_is_known_to_xla():
 
 
 def test_int8_formulations_compute_the_dequantized_product():
-    """Every int8 projection candidate, on the tiny model's shapes: timed, and within bf16 rounding of the float32
-    product of the dequantized weight (relative error in norm; exactly 0 would mean it was not computed)."""
-    measured = gpu_tune.proj_case({"weights": gpu_tune.PROJ_WEIGHTS}, preset("tiny"), rounds=1)
+    """Every int8 projection candidate, on the tiny model's shapes (one batch size: the rest only adds compiles):
+    timed, and within bf16 rounding of the float32 product of the dequantized weight (relative error in norm, at 8
+    rows; exactly 0 would mean it was not computed)."""
+    measured = gpu_tune.proj_case({"weights": gpu_tune.PROJ_WEIGHTS, "batches": [1]}, preset("tiny"), rounds=1)
     for weights in gpu_tune.PROJ_WEIGHTS:
         seconds = measured["seconds"][weights]
-        assert set(seconds) == {f"batch {b}" for b in gpu_tune.PROJ_BATCHES} and all(s > 0 for s in seconds.values())
+        assert set(seconds) == {"batch 1"} and seconds["batch 1"] > 0
     int8 = [w for w in gpu_tune.PROJ_WEIGHTS if w.startswith("int8")]
     assert set(measured["rel_error"]) == set(int8)
     assert all(0 < measured["rel_error"][w] < 1e-2 for w in int8), measured["rel_error"]
