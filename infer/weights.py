@@ -9,7 +9,7 @@ from typing import Any
 
 from llama_jax.checkpoints import Adapter, Checkpoint, load_params, read_adapter
 from llama_jax.errors import InputError
-from llama_jax.model import attach, attach_many, unstack_layers
+from llama_jax.model import attach, attach_many, rows_layout, unstack_layers
 
 
 def load_weights(args, checkpoint: Checkpoint, dtype, mesh, named: Sequence[tuple[str, str]] = ()) -> Any:
@@ -18,7 +18,8 @@ def load_weights(args, checkpoint: Checkpoint, dtype, mesh, named: Sequence[tupl
     weights; one that does not fit is an InputError naming it."""
     single = read_adapter(args.adapter, checkpoint.config) if args.adapter else None
     served = {name: read_named(name, directory, checkpoint) for name, directory in named}
-    params = load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize)
+    # On a GPU, int8 weights laid out as the engines read them, one at a time (one copy of the weights)
+    params = rows_layout(load_params(checkpoint, mesh=mesh, dtype=dtype, per_layer=True, quantize=args.quantize))
     for label, adapter in ({args.adapter: single} if single else served).items():
         print(f"adapter {label}: LoRA rank {adapter.rank} on {', '.join(adapter.targets)} (scale "
               f"{adapter.scale:g})", file=sys.stderr)

@@ -85,9 +85,13 @@ def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
     token at a time (the reduction) give the float logits of values * scale within 2e-5."""
     config, params, _ = load_fixture(variant)
     quantized = lj.unstack_layers(quantize_tree(params, param_logical_names(config)))
-    laid_out = rows_layout(quantized)
-    q = laid_out["layer_0"]["mlp"]["up"] if "mlp" in laid_out["layer_0"] else None
-    assert q is not None and q.values.format.layout.major_to_minor == (1, 0)  # [embed, mlp] stored as [mlp, embed]
+    kept = rows_layout(quantized)  # not on a GPU: as they are
+    assert all(a is b for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(quantized), strict=True))
+    laid_out = rows_layout(quantized, platforms=("cpu",))
+    up = laid_out["layer_0"]["mlp"]["up"]
+    assert up.values.format.layout.major_to_minor == (1, 0)  # [embed, mlp] stored as [mlp, embed]
+    again = rows_layout(laid_out, platforms=("cpu",))  # already laid out: the same arrays, no copy
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(laid_out), strict=True))
     tokens = jnp.array([[3, 17, 42, 7, 99, 5, 1, 64, 9, 12, 30]])
     reference = jax.jit(lj.forward, static_argnames="config")(dequantized(quantized), tokens, config)[0]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

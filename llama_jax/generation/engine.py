@@ -121,8 +121,7 @@ class Engine:
         params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if stacked else params
-        if any(d.platform == "gpu" for d in jax.tree.leaves(self.params)[0].devices()):  # int8 weights as rows
-            self.params = rows_layout(self.params)
+        self.params = rows_layout(self.params)  # on a GPU: int8 weights read as rows (a no-op if they already are)
         self._executables: dict[Any, Any] = {}
         self._compiler_options = CPU_NARROW_WEIGHT_OPTIONS if narrow_weight_options(self.params) else {}
 

@@ -86,8 +86,7 @@ class PagedEngine:
         params = jax.device_put(params, None if mesh is None else tree_shardings(mesh, names, params))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             self.params = jax.jit(unstack_layers)(params) if "layers" in params else params
-        if any(d.platform == "gpu" for d in jax.tree.leaves(self.params)[0].devices()):  # int8 weights as rows
-            self.params = rows_layout(self.params)
+        self.params = rows_layout(self.params)  # on a GPU: int8 weights read as rows (a no-op if they already are)
         pool = init_paged_cache(config, self.blocks.usable + 1, block_size, cache_dtype)
         self.pool = jax.device_put(pool, None if mesh is None else jax.tree.map(
             lambda a: named_sharding(mesh, POOL_NAMES, a.shape), pool))

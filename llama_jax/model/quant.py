@@ -77,18 +77,27 @@ class QuantArray:
         return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
 
 
-def rows_layout(params: Any) -> Any:
+def rows_layout(params: Any, platforms: tuple[str, ...] = ("gpu",)) -> Any:
     """`params` with each int8 weight's values stored with their contracted axes innermost (an `[in, out]` weight
-    as `[out, in]` in memory); the logical shapes, and so the model code, are unchanged (jit compiles for the layout
-    its arguments have). On a GPU, `weights.project` multiplies a single token by such a weight as a row reduction,
-    which reads each int8 byte once in long contiguous runs: the Engines lay out their params so there."""
-    def one(w):
-        if not isinstance(w, QuantArray):
-            return w
-        order = tuple(i for i in range(w.ndim) if i not in w.contracted) + w.contracted
-        return w.replace(values=jax.device_put(w.values, Format(Layout(major_to_minor=order), w.values.sharding)))
+    as `[out, in]` in memory), where the params live on one of `platforms`; elsewhere `params` as they are. The
+    logical shapes, and so the model code, are unchanged (jit compiles for the layout its arguments have). On a GPU,
+    `weights.project` multiplies a single token by such a weight as a row reduction, which reads each int8 byte once
+    in long contiguous runs: the Engines and `python -m infer`'s loader lay out their params so there.
 
-    return jax.tree.map(one, params, is_leaf=lambda leaf: isinstance(leaf, QuantArray))
+    Values already so laid out are kept as they are. The others are copied one weight at a time, and each original
+    is released as soon as its copy exists when nothing else holds it: given a tree no one else keeps (a loader's
+    result), the device holds one extra weight at a time, not a second copy of them all."""
+    leaves, treedef = jax.tree.flatten(params, is_leaf=lambda leaf: isinstance(leaf, QuantArray))
+    del params  # the leaves list is then the only holder of a tree nobody else keeps
+    if not leaves or not any(d.platform in platforms for d in jax.tree.leaves(leaves[0])[0].devices()):
+        return jax.tree.unflatten(treedef, leaves)
+    for i, w in enumerate(leaves):
+        if isinstance(w, QuantArray):
+            order = tuple(a for a in range(w.ndim) if a not in w.contracted) + w.contracted
+            if w.values.format.layout.major_to_minor != order:
+                leaves[i] = w.replace(values=jax.device_put(w.values, Format(Layout(major_to_minor=order),
+                                                                                w.values.sharding)))
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def input_axes(path: tuple[str, ...], names: tuple[str | None, ...]) -> tuple[int, ...]:
