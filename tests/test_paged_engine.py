@@ -214,8 +214,8 @@ def test_a_sharded_engine_equals_one_device(gqa, spec):
 
     config, params, ref = gqa
     requests = requests_of(ref)[:4]
-    single = PagedEngine(params, config, slots=4, max_len=MAX_LEN, block_size=4, chunk=3)
-    sharded = PagedEngine(params, config, slots=4, max_len=MAX_LEN, block_size=4, chunk=3,
-                          mesh=lj.make_mesh(spec))
+    options = dict(slots=4, max_len=MAX_LEN, block_size=4, chunk=3, max_batch_tokens=16)  # one prefill shape
+    single = PagedEngine(params, config, **options)
+    sharded = PagedEngine(params, config, **options, mesh=lj.make_mesh(spec))
     assert len(sharded.pool.k.sharding.device_set) == 8
     assert serve(sharded, requests) == serve(single, requests)
