@@ -16,6 +16,10 @@ XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the p
            and as `packed_reduce` (int32 words) in `rows_layout`: time against the weights' bytes at the measured
            bandwidth, int8 against bfloat16, and each int8 product's error against float32 (the programs' HLO
            after optimization goes to hlo.tgz)
+  attention  decode attention at batch 64 over 32 layers (Llama-3-8B's heads, 192 and 1,024 cached tokens): on slices
+           of a cache stacked by layer (the Engine's), on one array per layer, and as reductions on the stacked
+           cache (bench/gpu_micro.py): against the bytes of K and V (the stacked one's slices were copied, 1.06 ms
+           of a 7 ms step in the first H200 profile)
 
 The cases run in this order until --time-budget seconds have passed (the rest are reported as skipped); results.json
 and results.md go to --out-dir (default $OUT or ./bench_results) after every case. `--dry-run` runs every case the
@@ -39,8 +43,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bench.common import md_table, timed
-from llama_jax.model import QuantArray, multiply_reduce, rows_layout
+from bench.common import md_table
+from bench.gpu_micro import attention_case, proj_case
 
 FLAG_SETS = {
     "default": "",
@@ -48,18 +52,18 @@ FLAG_SETS = {
     "no-remat-pass": "--xla_disable_hlo_passes=rematerialization",
     "latency-hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
-PROJ_BATCHES = (1, 4, 8)
 PROJ_WEIGHTS = ["bfloat16", "int8:dot", "int8:dot-rows", "int8:reduce-rows", "int8:packed-rows"]
 CASES = [{"kind": "limits", "flags": "default"}]
 CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("bfloat16", "int8")]}]
 CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
 CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
     ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]
+CASES += [{"kind": "attention", "flags": "default", "contexts": [192, 1024]}]
 CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True}]
 SHAPES = {False: {"decode_model": "llama3-8b", "train_model": "llama3.2-1b", "seq": 2048, "prompt": 128,
-                  "new_tokens": 64, "copy_bytes": 4 << 30, "peak": 8192},
+                  "new_tokens": 64, "attention_batch": 64, "copy_bytes": 4 << 30, "peak": 8192},
           True: {"decode_model": "tiny", "train_model": "tiny", "seq": 64, "prompt": 16,
-                 "new_tokens": 4, "copy_bytes": 1 << 20, "peak": 256}}
+                 "new_tokens": 4, "attention_batch": 4, "copy_bytes": 1 << 20, "peak": 256}}
 
 
 def label(case: dict) -> str:
@@ -70,77 +74,6 @@ def label(case: dict) -> str:
 
 
 # -- in the child ---------------------------------------------------------------------------------------------------
-
-def packed_reduce(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x `[batch, in]` @ int8 w `[in, out]` (in `rows_layout`) in float32, reading w as int32 words of 4 int8
-    values each (a quarter of the loads), unpacked by shifts: a candidate for `multiply_reduce` on a GPU."""
-    n_in, n_out = w.shape
-    words = jax.lax.bitcast_convert_type(w.T.reshape(n_out, n_in // 4, 4), jnp.int32)  # [out, in / 4]
-    xs = x.astype(jnp.float32).reshape(x.shape[0], 1, n_in // 4, 4)
-    total = sum(xs[..., k] * jax.lax.shift_right_arithmetic(words << (24 - 8 * k), 24).astype(jnp.float32)
-                for k in range(4))
-    return jnp.sum(total, axis=-1)
-
-
-def proj_case(case: dict, config, rounds: int = 5) -> dict:
-    """For each of case["weights"]: seconds per pass over the 32 layers' matmuls (one array per layer, as the
-    Engines hold them) at each of PROJ_BATCHES (best of `rounds`), and the int8 ones' relative error against the
-    float32 product of the dequantized weight (layer 0's gate, 8 rows). Weights: bfloat16; int8 converted in a
-    dot (what `project` does above GEMV_ROWS rows) in the default layout or in `rows_layout`; int8 as
-    `multiply_reduce` (what `project` does on a GPU up to GEMV_ROWS rows) or `packed_reduce`, in `rows_layout`."""
-    e, m, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    shapes = {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, m), "up": (e, m), "down": (m, e)}
-    seconds, errors = {}, {}
-    for weights in case["weights"]:
-        kind, _, how = weights.partition(":")
-
-        def make(key, shape, kind=kind):
-            if kind == "bfloat16":
-                return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
-            scale = jax.random.uniform(key, (1, shape[1]), jnp.float32, 0.5, 1.5) * (0.02 / 127)
-            return QuantArray(jax.random.randint(key, shape, -127, 128, jnp.int8), scale)
-
-        make = jax.jit(make, static_argnums=(1,))
-        stack = [{name: make(jax.random.key(i * 8 + j), shape) for j, (name, shape) in enumerate(shapes.items())}
-                 for i in range(layers)]
-        stack = rows_layout(stack) if how.endswith("rows") else stack
-
-        def mm(x, w, how=how):  # x [batch, in] (bfloat16); each formulation explicitly, whatever `project` picks
-            if how.startswith("packed"):
-                out = packed_reduce(x, w.values)
-            elif how.startswith("reduce"):
-                out = multiply_reduce("bi,io->bo", x, w.values)
-            elif how.startswith("dot"):
-                out = jnp.einsum("bi,io->bo", x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
-            else:
-                return jnp.einsum("bi,io->bo", x, w, preferred_element_type=x.dtype)
-            return (out * w.output_scale).astype(x.dtype)
-
-        def run(x, stack, mm=mm):
-            for w in stack:  # every matmul of a decoder layer, in the order the model runs them
-                o = mm(mm(x, w["q"]), w["o"])
-                d = mm(jax.nn.silu(mm(x, w["gate"])) * mm(x, w["up"]), w["down"])
-                x = x + o + d + 0 * (mm(x, w["k"]).sum() + mm(x, w["v"]).sum()).astype(x.dtype)
-            return x
-
-        run = jax.jit(run)
-        times = {}
-        for batch in case.get("batches", PROJ_BATCHES):
-            x = (jax.random.normal(jax.random.key(batch), (batch, e), jnp.float32) * 0.01).astype(jnp.bfloat16)
-            jax.block_until_ready(run(x, stack))  # compiles
-            times[f"batch {batch}"] = min(timed(lambda x=x: jax.block_until_ready(run(x, stack)))
-                                          for _ in range(rounds))
-        seconds[weights] = times
-        if kind == "int8":
-            w = stack[0]["gate"]
-            x = jax.random.normal(jax.random.key(7), (8, e), jnp.float32).astype(jnp.bfloat16)
-            want = x.astype(jnp.float32) @ w.dequantize(jnp.float32)
-            got = jax.jit(mm)(x, w).astype(jnp.float32)
-            errors[weights] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        del stack
-    return {"seconds": seconds, "rel_error": errors}
-
 
 def engines_case(case: dict, shapes: dict) -> dict:
     """Engine decode tokens/s and TTFT for each [weights, batch] of case["runs"] on one set of random
@@ -191,6 +124,8 @@ def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
                 "device": str(jax.devices()[0].device_kind)}
     if case["kind"] == "proj":
         return proj_case(case, preset(shapes["decode_model"]))
+    if case["kind"] == "attention":
+        return attention_case(case, preset(shapes["decode_model"]), batch=shapes["attention_batch"])
     if case["kind"] == "engines":
         return engines_case(case, shapes)
     config = preset(shapes["train_model"])
@@ -261,6 +196,16 @@ def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
                 f"{name} {s * 1e3:.2f} ms {floor / s:.0%} roofline"
                 + (f" {bf16[name] / s:.2f}x bf16" if weights != "bfloat16" and bf16 else "")
                 for name, s in seconds.items()))
+        return "; ".join(parts)
+    if case["kind"] == "attention":
+        c = preset(shapes["decode_model"])
+        parts = []
+        for name, seconds in result["seconds"].items():
+            context = int(name.rsplit(" ", 1)[1])
+            floor = 2 * c.num_hidden_layers * shapes["attention_batch"] * c.num_key_value_heads * context \
+                * c.head_dim * 2 / bandwidth  # K and V of every layer, bfloat16, read once
+            error = f" (error {result['rel_error'][name]:.1e})" if name in result["rel_error"] else ""
+            parts.append(f"{name}{error}: {seconds * 1e3:.2f} ms, {floor / seconds:.0%} of roofline")
         return "; ".join(parts)
     if case["kind"] == "engines":
         config = preset(shapes["decode_model"])

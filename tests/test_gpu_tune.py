@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import gpu_tune
+from bench import gpu_micro, gpu_tune
 from llama_jax import preset
 
 
@@ -30,7 +30,7 @@ def test_int8_formulations_compute_the_dequantized_product():
     """Every int8 projection candidate, on the tiny model's shapes (one batch size: the rest only adds compiles):
     timed, and within bf16 rounding of the float32 product of the dequantized weight (relative error in norm, at 8
     rows; exactly 0 would mean it was not computed)."""
-    measured = gpu_tune.proj_case({"weights": gpu_tune.PROJ_WEIGHTS, "batches": [1]}, preset("tiny"), rounds=1)
+    measured = gpu_micro.proj_case({"weights": gpu_tune.PROJ_WEIGHTS, "batches": [1]}, preset("tiny"), rounds=1)
     for weights in gpu_tune.PROJ_WEIGHTS:
         seconds = measured["seconds"][weights]
         assert set(seconds) == {"batch 1"} and seconds["batch 1"] > 0
@@ -45,4 +45,13 @@ def test_packed_reduce_unpacks_every_byte_with_its_sign():
     x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
     values = jnp.asarray(rng.integers(-127, 128, size=(64, 24)), jnp.int8)
     want = x @ values.astype(jnp.float32)
-    np.testing.assert_allclose(gpu_tune.packed_reduce(x, values), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gpu_micro.packed_reduce(x, values), want, rtol=1e-5, atol=1e-4)
+
+
+def test_decode_attention_forms_agree():
+    """The attention candidates (slices of a stacked cache, one array per layer, reductions) on the tiny model's
+    heads: each within bf16 rounding of the first (exactly 0 for the per-layer form: the same `attend`)."""
+    measured = gpu_micro.attention_case({"contexts": [24]}, preset("tiny"), batch=3, rounds=1)
+    assert set(measured["seconds"]) == {f"{form}, context 24" for form in gpu_micro.ATTENTION_FORMS}
+    assert measured["rel_error"]["per-layer, context 24"] == 0
+    assert 0 < measured["rel_error"]["reduce, context 24"] < 2e-2, measured["rel_error"]
