@@ -66,7 +66,7 @@ class QuantArray:
     @property
     def output_scale(self) -> jax.Array:
         """The scale without its contracted axes: it broadcasts against a matmul output `[..., *kept axes]`."""
-        return self.scale.reshape([s for s, n in zip(self.scale.shape, self.shape, strict=True) if s != 1 or n == 1])
+        return self.scale.reshape([s for i, s in enumerate(self.scale.shape) if i not in self.contracted])
 
     @property
     def contracted(self) -> tuple[int, ...]:

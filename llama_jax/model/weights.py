@@ -44,8 +44,8 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     float32 inside the matmul unit either way), because a float32 result makes the cotangent float32 and so both
     of its gradient dots float32 x bfloat16: float32 (TF32) GEMMs at half the bfloat16 rate, 54% of a Llama-3.2-1B
     bf16 training step's GPU time before (bench/gpu_tune.py's train trace).
-    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU the convert fuses into the matmul, so
-    the int8 bytes are what is read) and the output channels scaled after; `spec` must put w's kept axes last in
+    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU, a product of at most GEMV_ROWS rows is
+    `multiply_reduce` instead) and the output channels scaled after; `spec` must put w's kept axes last in
     the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
     `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
     """
