@@ -80,6 +80,19 @@ def test_requests_joining_a_running_batch_equal_each_alone(gqa):
     assert all_free(engine)
 
 
+def test_a_prompt_over_several_rows_of_one_call_equals_it_alone(gqa):
+    """Prompts of 45 and 40 tokens, 32-token rows: each takes two rows of the first call (its later row attends
+    over its earlier one's keys, written in the same call); sampled and greedy, equal to each alone."""
+    config, params, ref = gqa
+    pool = requests_of(ref)[5].prompt + requests_of(ref)[3].prompt
+    requests = [Request(pool[:45], 10, SamplingParams(temperature=0.8, top_p=0.9), 3), Request(pool[2:42], 9),
+                Request(pool[7:16], 6)]
+    engine = PagedEngine(params, config, slots=4, max_len=MAX_LEN, block_size=4, max_batch_tokens=128, chunk=3)
+    got, _ = serve(engine, requests, add_every=1)
+    assert got == [solo(config, params, r) for r in requests]
+    assert engine.runs["prefill", (4, 32)] >= 1 and all_free(engine)
+
+
 def test_the_prefix_cache_serves_a_shared_prefix_and_never_overwrites_it(gqa):
     """A conversation's second turn (its first turn's tokens and reply, then more) and two requests sharing a
     prompt start from cached blocks, equal to each alone; the shared blocks' contents do not change."""
@@ -128,8 +141,12 @@ def test_a_lone_request_runs_one_row_whatever_the_slots(gqa):
     assert prefill_shapes(512, 16, 4096) == [(1, 32), (1, 128), (1, 512), (4, 32), (4, 128), (16, 32)]
     assert prefill_shapes(8, 3, 64) == [(1, 8)] and prefill_shapes(512, 2, 64) == [(1, 32), (1, 64)]
     shapes = prefill_shapes(512, 16, 4096)  # the cheapest per token: a long prompt, four tails, eight short ones
-    assert [choose_shape(shapes, p) for p in ([1437], [30] * 4, [100] * 8, [5])] == [(1, 512), (4, 32), (4, 128),
-                                                                                      (1, 32)]
+    assert [choose_shape(shapes, p)[0] for p in ([1437], [30] * 4, [100] * 8, [5])] == [(1, 512), (4, 32), (4, 128),
+                                                                                         (1, 32)]
+    # prompts longer than a row take several: 104 of 130 tokens in 128 computed, rather than 84
+    assert choose_shape(shapes, [40, 70, 20]) == ((4, 32), [(0, 32), (0, 8), (1, 32), (1, 32)])
+    # ... but fewer, wider rows when one prompt has a long context already (every row would read all of it)
+    assert [choose_shape(shapes, [200, 200, 100], c)[0] for c in ([0] * 3, [3000, 0, 0])] == [(16, 32), (4, 128)]
     config, params, ref = gqa
     request = requests_of(ref)[0]
     engine = PagedEngine(params, config, slots=16, max_len=MAX_LEN, chunk=4, top_logprobs=3)

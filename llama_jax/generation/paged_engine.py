@@ -8,8 +8,8 @@
 
 Each `step` admits waiting requests (first come, first served) while a row (`slots`) and blocks for their prompt
 are free, starting each from the longest run of its prompt's blocks in the prefix cache; prefills up to
-`max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, a long one in
-chunks over several steps); then runs up to `chunk` decode steps of every request that is decoding. Only rows in
+`max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, each over as many
+of its rows as it needs; a long one in chunks over several steps); then runs up to `chunk` decode steps of every request that is decoding. Only rows in
 use are computed (the row counts are bucketed to powers of two), and attention reads only the blocks a row holds.
 When a decoding request needs a block and none is free, the youngest request is preempted: its blocks released
 (their full blocks stay in the prefix cache) and it waits again at the head of the queue, its tokens kept, so it
@@ -203,16 +203,19 @@ class PagedEngine:
         self.counters["preemptions"] += 1
 
     def _prefill(self, prefilling: list[RequestState], outputs: dict[int, list[Token]]) -> None:
-        shape = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling])
-        chosen = prefilling[:shape[0]]
-        args = self._args("prefill", shape, chosen)
+        shape, layout = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling],
+                                     [s.computed for s in prefilling])
+        rows = [(prefilling[i], n) for i, n in layout]
+        args = self._args("prefill", shape, rows)
         self.pool, first = self.programs("prefill", shape, args)
         if self.drafter is not None:
             self.drafter.prefill(args[2], args[3])
         pages, first = args[3], host_tokens(first)
-        for r, sequence in enumerate(chosen):
+        self.counters["prompt_tokens"] += int(np.sum(pages.positions < pages.lengths[:, None]))
+        last = {sequence.sid: r for r, (sequence, _) in enumerate(rows)}  # a request's last row samples its token
+        for r in last.values():
+            sequence = rows[r][0]
             sequence.computed = int(pages.lengths[r])
-            self.counters["prompt_tokens"] += int(np.sum(pages.positions[r] < pages.lengths[r]))
             if sequence.computed == len(sequence.tokens):  # its tokens are all in: the next one is sampled
                 self._emit(sequence, first[r][0], outputs)
             self._register(sequence)
@@ -247,10 +250,12 @@ class PagedEngine:
             return []
         return drafted[:sequence.room()]
 
-    def _args(self, kind: str, shape, chosen: list[RequestState], proposals: Sequence[list[int]] = ()) -> tuple:
-        """A program's arguments for the requests `chosen` in its rows (none: the arrays it is compiled for)."""
+    def _args(self, kind: str, shape, chosen: list, proposals: Sequence[list[int]] = ()) -> tuple:
+        """A program's arguments for the requests `chosen` in its rows (for a prefill, (request, tokens) pairs as
+        `lay_out` gives them; none: the arrays it is compiled for)."""
         rows = shape[0] if kind == "prefill" else shape
-        per_row = row_args(chosen, rows, self.max_len, self.config.vocab_size)  # seeds, streams, sampling, ...
+        sequences = [sequence for sequence, _ in chosen] if kind == "prefill" else chosen
+        per_row = row_args(sequences, rows, self.max_len, self.config.vocab_size)  # seeds, streams, sampling, ...
         seeds, streams = per_row[:2]
         if kind == "prefill":
             tokens, pages, steps = prefill_arrays(chosen, *shape, self.table_len, self.max_len)

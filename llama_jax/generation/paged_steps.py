@@ -27,6 +27,7 @@ from llama_jax.model import PagedCache, Pages, forward, select_adapters
 
 
 CALL_TOKENS = 64  # a prefill call's fixed cost, as tokens computed (see choose_shape)
+ROW_CONTEXT_TOKENS = 300  # context tokens a prefill row gathers and attends over that cost about one token computed
 
 
 def request_keys(seeds: jax.Array, streams: jax.Array) -> jax.Array:
@@ -80,15 +81,36 @@ def prefill_shapes(max_batch_tokens: int, slots: int, max_len: int) -> list[tupl
                    if rows <= slots and rows * width <= max_batch_tokens})
 
 
-def choose_shape(shapes: list[tuple[int, int]], pending: list[int]) -> tuple[int, int]:
-    """The shape that prefills the prompts' `pending` tokens (first come, first served) at the least cost per
-    token: rows x width computed, plus a call's fixed cost (reading the weights) of CALL_TOKENS tokens."""
-    def cost(shape):
-        rows, width = shape
-        covered = sum(min(p, width) for p in pending[:rows])
-        return (rows * width + CALL_TOKENS) / covered, -covered
+def lay_out(pending: list[int], rows: int, width: int) -> list[tuple[int, int]]:
+    """The waiting prompts' `pending` tokens (first come, first served) over `rows` rows of `width`: a row `(i, n)`
+    holds the next n tokens of prompt i, and a prompt takes as many rows as it needs (its tokens in order, the last
+    row its remainder), so short prompts pack a wide call with little padding. One prefill writes every row's keys
+    and values before any row attends, so a row sees the earlier rows of its prompt."""
+    layout: list[tuple[int, int]] = []
+    for i, tokens in enumerate(pending):
+        while tokens > 0 and len(layout) < rows:
+            layout.append((i, min(tokens, width)))
+            tokens -= layout[-1][1]
+    return layout
 
-    return min(shapes, key=cost)
+
+def choose_shape(shapes: list[tuple[int, int]], pending: list[int], contexts: list[int] | None = None
+                 ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The shape (and its `lay_out`) that prefills the prompts' `pending` tokens at the least cost per token: rows x
+    width computed, a call's fixed cost (reading the weights) of CALL_TOKENS tokens, and each row's reading of the
+    longest context in the call (every row attends that far; `contexts`: each prompt's tokens before its pending
+    ones) at ROW_CONTEXT_TOKENS context tokens per token. Ties go to fewer rows."""
+    contexts = contexts or [0] * len(pending)
+
+    def cost(shape):
+        layout = lay_out(pending, *shape)
+        covered = sum(n for _, n in layout)
+        reach = max(contexts[i] + sum(m for j, m in layout if j == i) for i, _ in layout)
+        rows, width = shape
+        return (rows * width + CALL_TOKENS + rows * reach / ROW_CONTEXT_TOKENS) / covered, -covered, rows
+
+    shape = min(shapes, key=cost)
+    return shape, lay_out(pending, *shape)
 
 
 def compile_all(lowered: dict, options: dict | None = None) -> dict:

@@ -49,18 +49,24 @@ def block_tables(chosen: list[RequestState], rows: int, table_len: int) -> np.nd
     return tables
 
 
-def prefill_arrays(chosen: list[RequestState], rows: int, width: int, table_len: int, max_len: int
+def prefill_arrays(layout: list[tuple[RequestState, int]], rows: int, width: int, table_len: int, max_len: int
                    ) -> tuple[np.ndarray, Pages, np.ndarray]:
-    """The next `width` uncomputed tokens of each request, left padded `[rows, width]`, their Pages (padding at
-    position max_len: never a row's) and each row's tokens emitted so far `[rows]`."""
+    """Rows of prompt tokens `[rows, width]`, left padded: a row (request, n) of `layout` holds the request's next n
+    uncomputed tokens after those of its earlier rows (paged_steps.lay_out); their Pages (padding at position
+    max_len: never a row's; every row of a request holds, once written, all the tokens its rows bring) and each row's
+    tokens emitted so far `[rows]`."""
     tokens = np.zeros((rows, width), np.int32)
     positions = np.full((rows, width), max_len, np.int32)
     lengths, steps = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for r, sequence in enumerate(chosen):
-        part = sequence.tokens[sequence.computed:sequence.computed + width]
-        tokens[r, width - len(part):] = part
-        positions[r, width - len(part):] = np.arange(sequence.computed, sequence.computed + len(part))
-        lengths[r], steps[r] = sequence.computed + len(part), sequence.emitted
+    taken: dict[int, int] = {}  # request id -> its tokens in the rows so far
+    for r, (sequence, n) in enumerate(layout):
+        start = sequence.computed + taken.get(sequence.sid, 0)
+        tokens[r, width - n:] = sequence.tokens[start:start + n]
+        positions[r, width - n:] = np.arange(start, start + n)
+        taken[sequence.sid], steps[r] = taken.get(sequence.sid, 0) + n, sequence.emitted
+    for r, (sequence, _) in enumerate(layout):
+        lengths[r] = sequence.computed + taken[sequence.sid]
+    chosen = [sequence for sequence, _ in layout]
     return tokens, Pages(block_tables(chosen, rows, table_len), positions, lengths), steps
 
 
