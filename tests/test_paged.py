@@ -45,12 +45,9 @@ def run(config, params, pool: PagedCache, rows: list[tuple[list[int], int, int]]
 @pytest.fixture(params=["default spans", "small spans"])
 def spans(request, monkeypatch):
     """The tokens `paged_attend` reads per iteration: the defaults (these contexts fit in one chunk), or 8 for prompt
-    chunks, 4 for narrow ones and decode steps, so that 20-29 tokens take several chunks and the online softmax
-    carries across."""
+    chunks and 4 for decode steps, so that 20-29 tokens take several chunks and the online softmax carries across."""
     if request.param == "small spans":
         monkeypatch.setattr(paged, "KV_CHUNK_TOKENS", 8)
-        monkeypatch.setattr(paged, "NARROW_QUERIES", 4)
-        monkeypatch.setattr(paged, "NARROW_KV_CHUNK_TOKENS", 4)
         monkeypatch.setattr(paged, "DECODE_KV_CHUNK_TOKENS", 4)
     jax.clear_caches()  # the spans are read when forward is traced
     yield
@@ -63,9 +60,7 @@ def test_a_whole_prompt_and_then_decode_steps(model, spans):
     blocks = table([5, 3, 17, 9, 11, 2, 20, 8], 8)  # scattered over the pool, not in order
     (first,), pool = run(config, params, pool, [(tokens[0, :20].tolist(), 0, 20)], [blocks])
     np.testing.assert_allclose(first, dense[0, :20], atol=1e-5, rtol=1e-5)
-    (narrow,), pool = run(config, params, pool, [(tokens[0, 20:23].tolist(), 20, 23)], [blocks])  # 3 tokens a row
-    np.testing.assert_allclose(narrow, dense[0, 20:23], atol=1e-5, rtol=1e-5)
-    for t in range(23, 29):
+    for t in range(20, 29):
         (step,), pool = run(config, params, pool, [([int(tokens[0, t])], t, t + 1)], [blocks])
         np.testing.assert_allclose(step[0], dense[0, t], atol=1e-5, rtol=1e-5)
 

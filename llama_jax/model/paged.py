@@ -20,10 +20,6 @@ from llama_jax.model.quant import quantize
 POOL_NAMES = ("layers", None, "kv_heads", None, "head_dim")
 NULL_BLOCK = 0
 KV_CHUNK_TOKENS = 512  # tokens `paged_attend` reads per iteration for prompt chunks; block tables are padded to it
-# ... for prompt chunks of NARROW_QUERIES tokens a row or fewer: fewer, as every row gathers the whole span whatever its
-# width (the serving engine lays short prompts out over many 32-token rows; SmolLM2, 16 such rows: 0.73x the time of
-# a 512 span, 4 rows 0.81x; rows of 120 tokens gained nothing)
-NARROW_QUERIES, NARROW_KV_CHUNK_TOKENS = 32, 128
 # ... and for one query per row (decode steps): fewer, as the gather copies every token of the span, the padding of a
 # short context too (bench.paged_attention, 8 rows: 256 against 512 is 0.71x at 150 tokens, 1.05x at 1,000 and 3,000)
 DECODE_KV_CHUNK_TOKENS = 256
@@ -105,12 +101,10 @@ def _blocks(pool: tuple, layer, ids: jax.Array, dtype) -> tuple[jax.Array, jax.A
     return read(cache_k, k_scale), read(cache_v, v_scale)
 
 
-def chunk_blocks(block_size: int, queries: int = 0) -> int:
-    """Blocks `paged_attend` reads per iteration for rows of `queries` tokens: one (a decode step), NARROW_QUERIES or
-    fewer, or more (0: the widest, whose count block tables are padded to a multiple of; the others divide it)."""
-    tokens = (DECODE_KV_CHUNK_TOKENS if queries == 1 else
-              NARROW_KV_CHUNK_TOKENS if 0 < queries <= NARROW_QUERIES else KV_CHUNK_TOKENS)
-    return max(1, tokens // block_size)
+def chunk_blocks(block_size: int, decode: bool = False) -> int:
+    """Blocks `paged_attend` reads per iteration: for prompt chunks (block tables are padded to a multiple of it), or
+    for one query per row (`decode`; a divisor of the former)."""
+    return max(1, (DECODE_KV_CHUNK_TOKENS if decode else KV_CHUNK_TOKENS) // block_size)
 
 
 def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages, dtype,
@@ -118,7 +112,7 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     """Causal attention of queries q `[rows, q, heads, head_dim]` over their own rows' cached tokens.
 
     Query (r, i) at position p sees its row's tokens 0..p (those before `lengths[r]`). The row's blocks are read
-    `per_chunk` at a time (a divisor of the tables' width; default `chunk_blocks(block_size, q)`) with an
+    `per_chunk` at a time (a divisor of the tables' width; default `chunk_blocks(block_size, decode=q == 1)`) with an
     online softmax (scores and softmax in float32), for as many chunks as the longest row in the step needs: a step's
     cost follows the tokens attended, not the pool's size or the rows' maximum length. Returns
     `[rows, q, heads, head_dim]`.
@@ -126,7 +120,7 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     rows, length, heads, head_dim = q.shape
     kv_heads, block_size = pool[0].shape[2], pool[0].shape[3]
     if per_chunk is None:
-        per_chunk = chunk_blocks(block_size, length)
+        per_chunk = chunk_blocks(block_size, decode=length == 1)
     group, span = heads // kv_heads, per_chunk * block_size
     q = q.reshape(rows, length, kv_heads, group, head_dim).astype(jnp.float32) * head_dim**-0.5
     chunks = (jnp.max(pages.lengths) + span - 1) // span
