@@ -102,15 +102,13 @@ def choose_shape(shapes: list[tuple[int, int]], pending: list[int], contexts: li
     ones) at ROW_CONTEXT_TOKENS context tokens per token. Ties go to fewer rows."""
     contexts = contexts or [0] * len(pending)
 
-    def cost(shape):
-        layout = lay_out(pending, *shape)
+    def cost(option):
+        (rows, width), layout = option
         covered = sum(n for _, n in layout)
         reach = max(contexts[i] + sum(m for j, m in layout if j == i) for i, _ in layout)
-        rows, width = shape
         return (rows * width + CALL_TOKENS + rows * reach / ROW_CONTEXT_TOKENS) / covered, -covered, rows
 
-    shape = min(shapes, key=cost)
-    return shape, lay_out(pending, *shape)
+    return min(((shape, lay_out(pending, *shape)) for shape in shapes), key=cost)
 
 
 def compile_all(lowered: dict, options: dict | None = None) -> dict:
