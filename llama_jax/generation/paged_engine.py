@@ -6,14 +6,14 @@
     for out in engine.step(): ...                      # Output(sid, new tokens, finish reason or None)
     engine.abort(sid)                                  # a client left: its blocks are free at once
 
-Each `step` admits waiting requests (first come, first served) while a row (`slots`) and blocks for their prompt
-are free, starting each from the longest run of its prompt's blocks in the prefix cache; prefills up to
-`max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, each over as many
-of its rows as it needs; a long one in chunks over several steps); then runs up to `chunk` decode steps of every
+Each `step` admits waiting requests (first come, first served) while a row (`slots`) and blocks for their prompt are
+free, starting each from the longest run of its prompt's blocks in the prefix cache; prefills up to
+`max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, each over as many of
+its rows as it needs; a long one in chunks over several steps); then runs up to `chunk` decode steps of every
 request that is decoding. Only rows in use are computed (the row counts are bucketed to powers of two), and
-attention reads only the blocks a row holds. When a decoding request needs a block and none is free, the youngest request is preempted: its blocks released
-(their full blocks stay in the prefix cache) and it waits again at the head of the queue, its tokens kept, so it
-continues exactly where it was.
+attention reads only the blocks a row holds. When a decoding request needs a block and none is free, the youngest
+request is preempted: its blocks released (their full blocks stay in the prefix cache) and it waits again at the
+head of the queue, its tokens kept, so it continues exactly where it was.
 
 A request's tokens equal `Engine.generate` on its prompt alone with the same settings and seed: its rows's PRNG
 stream and step count go with it, whatever rows, chunks or preemptions it goes through. Beyond what `Engine` does,
