@@ -4,12 +4,13 @@ Each candidate runs in a child process of its own (`python -m bench.gpu_tune CAS
 XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the parent never starts jax on the GPU.
 
   limits   the HBM bandwidth (a 4 GiB in-place copy) and the bf16 peak (an 8192^3 matmul): the rooflines below
+  train    full fine-tuning steps (float32 params and AdamW, bfloat16 compute, cuDNN attention, 8 x 2048): Llama-3.2-1B
+           with remat dots and the vocabulary-chunked loss (its profile goes to train.trace.json.gz), Llama-3.2-3B
+           the same, a Llama-3-8B LoRA step (rank 16, frozen bfloat16 base, 4 x 2048): MFU (a LoRA step counts
+           LORA_FLOPS_FRACTION of a full one); the Llama-3.2-1B variants come last (see below)
   engines  the Llama-3-8B Engine's decode (random weights made on the device, 128-token prompts) in bfloat16 and
            int8 at batch 1, 8 and 64: tokens/s against the HBM roofline, int8 against bfloat16, and whether row 0's
            greedy tokens match the first run's (random weights: near-ties flip)
-  train    a Llama-3.2-1B full fine-tuning step (float32 params and AdamW, bfloat16 compute, cuDNN attention):
-           remat dots with the vocabulary-chunked loss (its profile goes to train.trace.json.gz), the whole-
-           vocabulary loss, remat none, batch 16: MFU
   proj     the matmuls of Llama-3-8B's 32 decoder layers (q, k, v, o, gate, up, down; no attention; one array per
            layer, as the Engines hold them) at batch 1, 4 and 8, each formulation called explicitly: bfloat16
            weights; int8 converted in a dot, in the default layout and in `rows_layout`; int8 as `multiply_reduce`
@@ -20,6 +21,7 @@ XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the p
            of a cache stacked by layer (the Engine's), on one array per layer, and as reductions on the stacked
            cache (bench/gpu_micro.py): against the bytes of K and V (the stacked one's slices were copied, 1.06 ms
            of a 7 ms step in the first H200 profile)
+  train    last, Llama-3.2-1B variants: the whole-vocabulary loss, remat none, batch 16
 
 The cases run in this order until --time-budget seconds have passed (the rest are reported as skipped); results.json
 and results.md go to --out-dir (default $OUT or ./bench_results) after every case. `--dry-run` runs every case the
@@ -54,12 +56,16 @@ FLAG_SETS = {
 }
 PROJ_WEIGHTS = ["bfloat16", "int8:dot", "int8:dot-rows", "int8:reduce-rows", "int8:packed-rows"]
 CASES = [{"kind": "limits", "flags": "default"}]
-CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("bfloat16", "int8")]}]
 CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
-CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
-    ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]
+CASES += [{"kind": "train", "model": "llama3.2-3b", "remat": "dots", "batch": 8, "vocab_chunk": "chunked",
+           "flags": "default"},
+          {"kind": "train", "model": "llama3-8b", "lora": 16, "remat": "dots", "batch": 4, "vocab_chunk": "chunked",
+           "flags": "default"}]
+CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("bfloat16", "int8")]}]
 CASES += [{"kind": "attention", "flags": "default", "contexts": [192, 1024]}]
 CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True}]
+CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
+    ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]
 SHAPES = {False: {"decode_model": "llama3-8b", "train_model": "llama3.2-1b", "seq": 2048, "prompt": 128,
                   "new_tokens": 64, "attention_batch": 64, "copy_bytes": 4 << 30, "peak": 8192},
           True: {"decode_model": "tiny", "train_model": "tiny", "seq": 64, "prompt": 16,
@@ -108,12 +114,17 @@ def traced(fn: Callable[[], object], out: Path) -> None:
             shutil.copy(found[0], out)
 
 
+def train_model(case: dict, tiny: bool) -> str:
+    """The preset a train case runs: its "model" (Llama-3.2-1B unless named), the tiny one in a dry run."""
+    return SHAPES[tiny]["train_model"] if tiny else case.get("model", SHAPES[tiny]["train_model"])
+
+
 def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
     """One case, here (the child); returns its measurements."""
     from bench import machine
     from bench.train import OurTrainStep
     from llama_jax import init_params, preset
-    from llama_jax.training import VOCAB_CHUNK
+    from llama_jax.training import VOCAB_CHUNK, LoraConfig
 
     shapes = SHAPES[tiny]
     attention = "xla" if tiny or jax.default_backend() != "gpu" else "cudnn"
@@ -128,10 +139,11 @@ def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
         return attention_case(case, preset(shapes["decode_model"]), batch=shapes["attention_batch"])
     if case["kind"] == "engines":
         return engines_case(case, shapes)
-    config = preset(shapes["train_model"])
-    params = init_params(config, jax.random.key(1), dtype=jnp.float32)
+    config = preset(train_model(case, tiny))
+    lora = LoraConfig(case["lora"], 2.0 * case["lora"]) if case.get("lora") else None
+    params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
     ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=case["batch"], seq_len=shapes["seq"],
-                        remat=case["remat"], copy_params=False, attention=attention,
+                        remat=case["remat"], copy_params=False, attention=attention, lora=lora,
                         vocab_chunk=config.vocab_size if case["vocab_chunk"] == "whole" else VOCAB_CHUNK)
     runs = [ours() for _ in range(3)]
     if case.get("trace"):
@@ -220,7 +232,10 @@ def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
                          f"{r['decode_tok_s'] / limit:.0%} of roofline{versus}, TTFT {r['ttft_s'] * 1e3:.0f} ms, "
                          f"row 0 {agreed(r['row0'], first[r['weights']])}/{len(r['row0'])} tokens as the first run")
         return "; ".join(parts)
-    flops = roofline.train_flops(preset(shapes["train_model"]), case["batch"], shapes["seq"])
+    from llama_jax.training import LORA_FLOPS_FRACTION
+
+    flops = roofline.train_flops(preset(train_model(case, tiny)), case["batch"], shapes["seq"])
+    flops *= LORA_FLOPS_FRACTION if case.get("lora") else 1  # no weight gradients for a frozen base
     return (f"{result['step_s']:.3f} s/step, MFU {roofline.mfu(flops, result['step_s'], peak):.0%}, "
             f"loss {result['loss']:.3f}, attention {result.get('attention')}")
 
