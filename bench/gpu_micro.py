@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import timed
-from llama_jax.model import QuantArray, attend, multiply_reduce, rows_layout
+from llama_jax.model import QuantArray, Tiles, attend, einsum_product, multiply_reduce, rows_layout
 
 PROJ_BATCHES = (1, 4, 8)
 ATTENTION_FORMS = ("stacked", "per-layer", "reduce")
@@ -32,8 +32,9 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
     """For each of case["weights"]: seconds per pass over the 32 layers' matmuls (one array per layer, as the
     Engines hold them) at each of PROJ_BATCHES (best of `rounds`), and the int8 ones' relative error against the
     float32 product of the dequantized weight (layer 0's gate, 8 rows). Weights: bfloat16; int8 converted in a
-    dot (what `project` does above GEMV_ROWS rows) in the default layout or in `rows_layout`; int8 as
-    `multiply_reduce` (what `project` does on a GPU up to GEMV_ROWS rows) or `packed_reduce`, in `rows_layout`."""
+    dot (what `project` does above DOT_ROWS rows) in the default layout or in `rows_layout`; int8 as
+    `multiply_reduce` or `packed_reduce`, in `rows_layout`; int8 through `int8_kernel` (what `project` does on a GPU
+    up to DOT_ROWS rows), "kernel/block_n/chunk/block_k/warps/stages-rows" with other `Tiles` than its own."""
     e, m, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     shapes = {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, m), "up": (e, m), "down": (m, e)}
@@ -53,7 +54,12 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
         stack = rows_layout(stack) if how.endswith("rows") else stack
 
         def mm(x, w, how=how):  # x [batch, in] (bfloat16); each formulation explicitly, whatever `project` picks
-            if how.startswith("packed"):
+            if how.startswith("kernel"):  # "kernel[/block_n/chunk/block_k/warps/stages]-rows"
+                gpu = jax.default_backend() == "gpu"  # elsewhere (a dry run): interpreted, with tiles that fit
+                tiles = Tiles(*map(int, how.removesuffix("-rows").split("/")[1:])) if gpu else Tiles(16, 32, 16)
+                out = einsum_product("bi,io->bo", x, w.values, tiles, interpret=not gpu)
+                assert out is not None, f"{how}: the kernel does not take {x.shape} x {w.shape}"
+            elif how.startswith("packed"):
                 out = packed_reduce(x, w.values)
             elif how.startswith("reduce"):
                 out = multiply_reduce("bi,io->bo", x, w.values)
@@ -74,11 +80,15 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
         times = {}
         for batch in case.get("batches", PROJ_BATCHES):
             x = (jax.random.normal(jax.random.key(batch), (batch, e), jnp.float32) * 0.01).astype(jnp.bfloat16)
-            jax.block_until_ready(run(x, stack))  # compiles
+            try:
+                jax.block_until_ready(run(x, stack))  # compiles
+            except Exception as err:  # noqa: BLE001 (a candidate that does not compile here: reported, not fatal)
+                errors[f"{weights} failed"] = f"{type(err).__name__}: {str(err)[:300]}"
+                break
             times[f"batch {batch}"] = min(timed(lambda x=x: jax.block_until_ready(run(x, stack)))
                                           for _ in range(rounds))
         seconds[weights] = times
-        if kind == "int8":
+        if kind == "int8" and times:
             w = stack[0]["gate"]
             x = jax.random.normal(jax.random.key(7), (8, e), jnp.float32).astype(jnp.bfloat16)
             want = x.astype(jnp.float32) @ w.dequantize(jnp.float32)

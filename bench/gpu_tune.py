@@ -17,6 +17,8 @@ XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the p
            and as `packed_reduce` (int32 words) in `rows_layout`: time against the weights' bytes at the measured
            bandwidth, int8 against bfloat16, and each int8 product's error against float32 (the programs' HLO
            after optimization goes to hlo.tgz)
+  paged    the serving engine (PagedEngine, bfloat16) with 64 requests at once against the Engine's batch-64
+           generate of the same prompts (bench/gpu_serve.py)
   attention  decode attention at batch 64 over 32 layers (Llama-3-8B's heads, 192 and 1,024 cached tokens): on slices
            of a cache stacked by layer (the Engine's), on one array per layer, and as reductions on the stacked
            cache (bench/gpu_micro.py): against the bytes of K and V (the stacked one's slices were copied, 1.06 ms
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 
 from bench.common import md_table
 from bench.gpu_micro import attention_case, proj_case
+from bench.gpu_serve import paged_case, paged_figures
 
 FLAG_SETS = {
     "default": "",
@@ -54,16 +57,19 @@ FLAG_SETS = {
     "no-remat-pass": "--xla_disable_hlo_passes=rematerialization",
     "latency-hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
-PROJ_WEIGHTS = ["bfloat16", "int8:dot", "int8:dot-rows", "int8:reduce-rows", "int8:packed-rows"]
+PROJ_WEIGHTS = ["bfloat16", "int8:dot-rows", "int8:reduce-rows", "int8:kernel-rows", "int8:kernel/64/1024/256/4/3-rows",
+                "int8:kernel/16/2048/256/4/4-rows", "int8:kernel/32/2048/512/8/3-rows"]
 CASES = [{"kind": "limits", "flags": "default"}]
+CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True, "batches": [1, 8]}]
+CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8) for w in ("int8", "bfloat16")]}]
+CASES += [{"kind": "paged", "batch": 64, "budget": 2048, "flags": "default"}]
 CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
 CASES += [{"kind": "train", "model": "llama3.2-3b", "remat": "dots", "batch": 8, "vocab_chunk": "chunked",
            "flags": "default"},
           {"kind": "train", "model": "llama3-8b", "lora": 16, "remat": "dots", "batch": 4, "vocab_chunk": "chunked",
            "flags": "default"}]
-CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("bfloat16", "int8")]}]
+CASES += [{"kind": "engines", "flags": "default", "runs": [[w, 64] for w in ("bfloat16", "int8")]}]
 CASES += [{"kind": "attention", "flags": "default", "contexts": [192, 1024]}]
-CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True}]
 CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
     ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]
 SHAPES = {False: {"decode_model": "llama3-8b", "train_model": "llama3.2-1b", "seq": 2048, "prompt": 128,
@@ -93,8 +99,12 @@ def engines_case(case: dict, shapes: dict) -> dict:
     quantized = jax.jit(lambda p: quantize_tree(p, param_logical_names(config)))(params)
     out = []
     for kind, batch in case["runs"]:
-        ours = OurGenerate(quantized if kind == "int8" else params, config, dtype=jnp.bfloat16, batch=batch,
-                           prompt_len=shapes["prompt"], new_tokens=shapes["new_tokens"])
+        try:  # one run's failure (a kernel that does not compile here) leaves the others their figures
+            ours = OurGenerate(quantized if kind == "int8" else params, config, dtype=jnp.bfloat16, batch=batch,
+                               prompt_len=shapes["prompt"], new_tokens=shapes["new_tokens"])
+        except Exception as e:  # noqa: BLE001 (reported in the table)
+            out.append({"weights": kind, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
         runs = [ours() for _ in range(2)]
         out.append({"weights": kind, "batch": batch, "compile_s": ours.compile_s,
                     "decode_tok_s": max(r["decode_tok_s"] for r in runs), "ttft_s": min(r["ttft_s"] for r in runs),
@@ -139,6 +149,8 @@ def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
         return attention_case(case, preset(shapes["decode_model"]), batch=shapes["attention_batch"])
     if case["kind"] == "engines":
         return engines_case(case, shapes)
+    if case["kind"] == "paged":
+        return paged_case(case, shapes)
     config = preset(train_model(case, tiny))
     lora = LoraConfig(case["lora"], 2.0 * case["lora"]) if case.get("lora") else None
     params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
@@ -196,6 +208,8 @@ def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
                                        f"{result.get('device')}, jax {result.get('jax')})")
     limits = next((r for r in earlier if r["kind"] == "limits" and "error" not in r), {})
     shapes, bandwidth, peak = SHAPES[tiny], limits.get("bandwidth", float("nan")), limits.get("peak_bf16", float("nan"))
+    if case["kind"] == "paged":
+        return paged_figures(result)
     if case["kind"] == "proj":
         c = preset(shapes["decode_model"])
         values = roofline.matmul_params(c) - c.hidden_size * c.vocab_size  # the decoder layers' weights, no head
@@ -206,8 +220,9 @@ def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
             error = f" (error {result['rel_error'][weights]:.1e})" if weights in result["rel_error"] else ""
             parts.append(f"{weights}{error}: " + ", ".join(
                 f"{name} {s * 1e3:.2f} ms {floor / s:.0%} roofline"
-                + (f" {bf16[name] / s:.2f}x bf16" if weights != "bfloat16" and bf16 else "")
+                + (f" {bf16[name] / s:.2f}x bf16" if weights != "bfloat16" and name in bf16 else "")
                 for name, s in seconds.items()))
+        parts += [f"{name}: {why}" for name, why in result["rel_error"].items() if name.endswith(" failed")]
         return "; ".join(parts)
     if case["kind"] == "attention":
         c = preset(shapes["decode_model"])
@@ -222,9 +237,11 @@ def figures(case: dict, result: dict, earlier: list[dict], tiny: bool) -> str:
     if case["kind"] == "engines":
         config = preset(shapes["decode_model"])
         context = roofline.decode_mean_context(shapes["prompt"], shapes["new_tokens"])
-        parts, bf16 = [], {r["batch"]: r["decode_tok_s"] for r in result["runs"] if r["weights"] == "bfloat16"}
-        first = {r["weights"]: r["row0"] for r in reversed(result["runs"])}  # each dtype's first run's row 0
-        for r in result["runs"]:
+        runs = [r for r in result["runs"] if "error" not in r]
+        parts = [f"{r['weights']} batch {r['batch']}: {r['error']}" for r in result["runs"] if "error" in r]
+        bf16 = {r["batch"]: r["decode_tok_s"] for r in runs if r["weights"] == "bfloat16"}
+        first = {r["weights"]: r["row0"] for r in reversed(runs)}  # each dtype's first run's row 0
+        for r in runs:
             int8 = r["weights"] == "int8"
             limit = roofline.decode_limit(config, r["batch"], context, r["weights"], bandwidth, "bfloat16")
             versus = f", {r['decode_tok_s'] / bf16[r['batch']]:.2f}x bf16" if int8 and r["batch"] in bf16 else ""

@@ -15,7 +15,7 @@ from infer.__main__ import main as infer_main
 from llama_jax.checkpoints import load_params, open_checkpoint
 from llama_jax.generation import Engine
 from llama_jax.model import QuantArray, param_logical_names, quantize, quantize_tree, rows_layout
-from llama_jax.model.weights import GEMV_ROWS, multiply_reduce
+from llama_jax.model import Tiles, einsum_product, weights
 
 
 def run(main, capsys, *args):
@@ -66,23 +66,34 @@ def test_int8_forward_is_the_float_forward_of_the_dequantized_weights(tmp_path, 
 
 
 @pytest.mark.parametrize("spec, x_shape, w_shape", [
-    ("bse,ehd->bshd", (2, 3, 16), (16, 4, 8)), ("bsf,fe->bse", (1, 1, 32), (32, 16)),
-    ("bsi,io->bso", (3, 1, 16), (16, 24)), ("bse,ev->bsv", (1, 2, 16), (16, 40))])
-def test_multiply_reduce_is_the_einsum(spec, x_shape, w_shape):
-    """The GPU's one-token int8 product, a broadcast multiply summed over the contracted axes, against the einsum
-    on random float32 operands (every spec the model projects with)."""
+    ("bse,ehd->bshd", (2, 3, 64), (64, 4, 8)), ("bshd,hde->bse", (1, 1, 4, 32), (4, 32, 48)),
+    ("bsi,io->bso", (16, 1, 96), (96, 64)), ("bse,ve->bsv", (1, 1, 64), (80, 64))])
+def test_the_int8_kernel_is_the_einsum(spec, x_shape, w_shape):
+    """The GPU's int8 product for few rows (a Pallas kernel, run here by Pallas' interpreter) against the float64
+    einsum on random operands, for every spec the model projects with and 1, 6 and 16 rows (one row reduces, more
+    take the padded matrix product; the contracted axis in several chunks); and its gradient in x against the
+    einsum's."""
     rng = np.random.default_rng(3)
-    x, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in (x_shape, w_shape))
-    want = jnp.einsum(spec, x, w, precision="highest")
-    np.testing.assert_allclose(multiply_reduce(spec, x, w), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.integers(-127, 128, size=w_shape), jnp.int8)
+    tiles = Tiles(block_n=16, chunk=32, block_k=16)
+    got = einsum_product(spec, x, w, tiles, interpret=True)
+    want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(einsum_product(spec, x, w, tiles, interpret=True) * cotangent))(x)
+    want_grad = jax.grad(lambda x: jnp.sum(jnp.einsum(spec, x, w.astype(x.dtype), precision="highest") * cotangent))
+    np.testing.assert_allclose(grad, want_grad(x), rtol=1e-5, atol=1e-5 * float(jnp.abs(want_grad(x)).max()))
+    assert einsum_product(spec, x, w, Tiles(block_n=7), interpret=True) is None  # N not a multiple: the dot's
 
 
 @pytest.mark.parametrize("variant", ["bias", "tied"])
 def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
     """What a GPU Engine runs on int8 weights: the values laid out as rows (`rows_layout`: contracted axes
-    innermost, the logical shape unchanged) and one-token products as multiply + reduce (`project` when the backend
-    is a GPU; the backend is faked here, the arithmetic is the same). Prefill (8 rows, the dot) and then decode one
-    token at a time (the reduction) give the float logits of values * scale within 2e-5."""
+    innermost, the logical shape unchanged) and products of few rows through the int8 kernel (`project` when the
+    backend is a GPU; the backend is faked here and the kernel runs in Pallas' interpreter, with tiles that fit the
+    tiny model). Prefill (8 rows) and then decode one token at a time give the float logits of values * scale
+    within 2e-5, and every projection took the kernel."""
     config, params, _ = load_fixture(variant)
     quantized = lj.unstack_layers(quantize_tree(params, param_logical_names(config)))
     kept = rows_layout(quantized)  # not on a GPU: as they are
@@ -94,15 +105,23 @@ def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
     assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(laid_out), strict=True))
     tokens = jnp.array([[3, 17, 42, 7, 99, 5, 1, 64, 9, 12, 30]])
     reference = jax.jit(lj.forward, static_argnames="config")(dequantized(quantized), tokens, config)[0]
+    calls = []
+
+    def kernel(spec, x, values):
+        out = einsum_product(spec, x, values, Tiles(block_n=16, chunk=64, block_k=16), interpret=True)
+        calls.append(out is not None)
+        return out
+
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(weights, "einsum_product", kernel)
     forward = jax.jit(lj.forward, static_argnames="config")
-    assert GEMV_ROWS < 8
     logits, cache = forward(laid_out, tokens[:, :8], config, cache=lj.init_cache(config, 1, 16))
     steps = [logits]
     for i in range(8, tokens.shape[1]):
         logits, cache = forward(laid_out, tokens[:, i:i + 1], config, cache=cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), reference, atol=2e-5)
+    assert calls and all(calls)  # traced twice (8 rows, then 1), each projection through the kernel
 
 
 def test_int8_kv_cache_stores_a_scale_per_token_and_head(tmp_path):

@@ -8,6 +8,7 @@ from llama_jax.model.cache import CACHE_NAMES, KVCache, init_cache
 from llama_jax.model.config import LlamaConfig, RopeScaling
 from llama_jax.model.decoder import (COMPUTE_DTYPES, REMAT_POLICIES, Remat, check_attention, forward, init_params,
                                      param_logical_names, param_shapes, param_shardings, unstack_layers)
+from llama_jax.model.int8_kernel import Tiles, einsum_product, rows_product
 from llama_jax.model.flops import forward_flops_per_token, matmul_params, measured_peak_flops, training_flops_per_token
 from llama_jax.model.lora import (LORA_TARGETS, LoraWeight, MultiLoraWeight, adapter_count, attach, attach_many,
                                   init_adapters, select_adapters)
@@ -24,12 +25,12 @@ __all__ = [
     "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "CPU_NARROW_WEIGHT_OPTIONS", "KVCache", "LORA_TARGETS",
     "LlamaConfig", "LoraWeight", "MESH_AXES", "MultiLoraWeight", "NULL_BLOCK", "POOL_NAMES",
     "PRESETS", "PagedCache", "Pages", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat",
-    "RopeScaling", "adapter_count", "attach", "attach_many", "attend", "check_attention", "chunk_blocks",
-    "check_quantization",
+    "RopeScaling", "Tiles", "adapter_count", "attach", "attach_many", "attend", "check_attention", "chunk_blocks",
+    "check_quantization", "einsum_product",
     "forward", "forward_flops_per_token",
     "init_adapters", "init_cache", "init_paged_cache", "init_params", "input_axes", "inverse_frequencies",
     "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "multiply_reduce", "named_sharding",
     "narrow_weight_options",
     "paged_attend", "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "quantize",
-    "quantize_tree", "rows_layout", "select_adapters", "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "quantize_tree", "rows_layout", "rows_product", "select_adapters", "training_flops_per_token", "tree_shardings", "unstack_layers",
 ]

@@ -2,12 +2,11 @@
 two ways a weight is used, `project` (every matmul) and `lookup` (the embedding), float or int8 (`quant`) alike, and
 with or without a LoRA adapter (`lora`)."""
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.int8_kernel import einsum_product
 from llama_jax.model.lora import AdaptedWeight, LoraWeight, MultiLoraWeight, low_rank
 from llama_jax.model.quant import QuantArray
 
@@ -18,12 +17,6 @@ INIT = nn.initializers.normal(0.02)
 # alive at a time, at the price of converting at every use (the Engine and a LoRA step over a narrow base use them).
 CPU_NARROW_WEIGHT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                              "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-# On a GPU, XLA reads an int8 weight converted inside a dot with one token at a fraction of the memory bandwidth
-# (bench/gpu_tune.py); a product of at most GEMV_ROWS token rows is a multiply and a float32 sum instead (see
-# `multiply_reduce` and `quant.rows_layout`).
-GEMV_ROWS = 1
 
 
 def narrow_weight_options(params) -> dict:
@@ -44,8 +37,8 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     float32 inside the matmul unit either way), because a float32 result makes the cotangent float32 and so both
     of its gradient dots float32 x bfloat16: float32 (TF32) GEMMs at half the bfloat16 rate, 54% of a Llama-3.2-1B
     bf16 training step's GPU time before (bench/gpu_tune.py's train trace).
-    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU, a product of at most GEMV_ROWS rows is
-    `multiply_reduce` instead) and the output channels scaled after; `spec` must put w's kept axes last in
+    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU, a product of at most
+    `int8_kernel.DOT_ROWS` token rows is that module's kernel instead) and the output channels scaled after; `spec` must put w's kept axes last in
     the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
     `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
     """
@@ -54,10 +47,8 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
         base = project(spec, x, w.base, result_dtype(x.dtype))
         return (base.astype(jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
-        rows = x.size // math.prod(w.shape[i] for i in w.contracted)
-        if rows <= GEMV_ROWS and jax.default_backend() == "gpu":
-            out = multiply_reduce(spec, x, w.values)
-        else:
+        out = einsum_product(spec, x, w.values) if jax.default_backend() == "gpu" else None
+        if out is None:  # not on a GPU, or more rows than the kernel takes
             out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (out * w.output_scale).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=result_dtype(out_dtype)).astype(out_dtype)
