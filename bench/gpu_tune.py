@@ -60,9 +60,9 @@ FLAG_SETS = {
 PROJ_WEIGHTS = ["bfloat16", "int8:dot-rows", "int8:reduce-rows", "int8:kernel-rows", "int8:kernel/64/1024/256/4/3-rows",
                 "int8:kernel/16/2048/256/4/4-rows", "int8:kernel/32/2048/512/8/3-rows"]
 CASES = [{"kind": "limits", "flags": "default"}]
-CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True, "batches": [1, 8]}]
 CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8) for w in ("int8", "bfloat16")]}]
 CASES += [{"kind": "paged", "batch": 64, "budget": 2048, "flags": "default"}]
+CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True, "batches": [1, 8]}]
 CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
 CASES += [{"kind": "train", "model": "llama3.2-3b", "remat": "dots", "batch": 8, "vocab_chunk": "chunked",
            "flags": "default"},
