@@ -11,21 +11,16 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import timed
-from llama_jax.model import QuantArray, Tiles, attend, einsum_product, multiply_reduce, rows_layout
+from llama_jax.model import QuantArray, Tiles, attend, einsum_product, rows_layout
 
 PROJ_BATCHES = (1, 4, 8)
 ATTENTION_FORMS = ("stacked", "per-layer", "reduce")
 
 
-def packed_reduce(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x `[batch, in]` @ int8 w `[in, out]` (in `rows_layout`) in float32, reading w as int32 words of 4 int8
-    values each (a quarter of the loads), unpacked by shifts: a candidate for `multiply_reduce` on a GPU."""
-    n_in, n_out = w.shape
-    words = jax.lax.bitcast_convert_type(w.T.reshape(n_out, n_in // 4, 4), jnp.int32)  # [out, in / 4]
-    xs = x.astype(jnp.float32).reshape(x.shape[0], 1, n_in // 4, 4)
-    total = sum(xs[..., k] * jax.lax.shift_right_arithmetic(words << (24 - 8 * k), 24).astype(jnp.float32)
-                for k in range(4))
-    return jnp.sum(total, axis=-1)
+def row_reduce(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x `[batch, in]` @ int8 w `[in, out]` (in `rows_layout`) in float32, as a broadcast product summed over `in`:
+    XLA fuses it into one reduction along each stored row (what `project` did for one token before `int8_kernel`)."""
+    return jnp.sum(x.astype(jnp.float32)[:, None, :] * w.T.astype(jnp.float32)[None], axis=-1)
 
 
 def proj_case(case: dict, config, rounds: int = 5) -> dict:
@@ -33,7 +28,7 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
     Engines hold them) at each of PROJ_BATCHES (best of `rounds`), and the int8 ones' relative error against the
     float32 product of the dequantized weight (layer 0's gate, 8 rows). Weights: bfloat16; int8 converted in a
     dot (what `project` does above DOT_ROWS rows) in the default layout or in `rows_layout`; int8 as
-    `multiply_reduce` or `packed_reduce`, in `rows_layout`; int8 through `int8_kernel` (what `project` does on a GPU
+    `row_reduce` in `rows_layout`; int8 through `int8_kernel` (what `project` does on a GPU
     up to DOT_ROWS rows), "kernel/block_n/chunk/block_k/warps/stages-rows" with other `Tiles` than its own."""
     e, m, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -59,10 +54,8 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
                 tiles = Tiles(*map(int, how.removesuffix("-rows").split("/")[1:])) if gpu else Tiles(16, 32, 16)
                 out = einsum_product("bi,io->bo", x, w.values, tiles, interpret=not gpu)
                 assert out is not None, f"{how}: the kernel does not take {x.shape} x {w.shape}"
-            elif how.startswith("packed"):
-                out = packed_reduce(x, w.values)
             elif how.startswith("reduce"):
-                out = multiply_reduce("bi,io->bo", x, w.values)
+                out = row_reduce(x, w.values)
             elif how.startswith("dot"):
                 out = jnp.einsum("bi,io->bo", x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
             else:

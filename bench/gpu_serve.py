@@ -45,8 +45,8 @@ def paged_case(case: dict, shapes: dict) -> dict:
                   "ttft_s": best["ttft_s"]}
     del ours
     max_len = -(-(shapes["prompt"] + new + 16) // 16) * 16  # room for the decode chunk's tokens past the last
-    paged = PagedEngine(params, config, slots=batch, max_len=max_len, block_size=16,
-                        max_batch_tokens=case["budget"], prefix_cache=False, cache_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    paged = PagedEngine(params, config, slots=batch, max_len=max_len, block_size=16, max_batch_tokens=case["budget"],
+                        prefix_cache=False, cache_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     prompts = random_prompts(config.vocab_size, batch, shapes["prompt"])
     start = time.perf_counter()
     paged_pass(paged, prompts, new)

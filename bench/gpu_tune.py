@@ -4,21 +4,20 @@ Each candidate runs in a child process of its own (`python -m bench.gpu_tune CAS
 XLA_FLAGS (XLA reads them once, when it starts), and prints one JSON line; the parent never starts jax on the GPU.
 
   limits   the HBM bandwidth (a 4 GiB in-place copy) and the bf16 peak (an 8192^3 matmul): the rooflines below
-  train    full fine-tuning steps (float32 params and AdamW, bfloat16 compute, cuDNN attention, 8 x 2048): Llama-3.2-1B
-           with remat dots and the vocabulary-chunked loss (its profile goes to train.trace.json.gz), Llama-3.2-3B
-           the same, a Llama-3-8B LoRA step (rank 16, frozen bfloat16 base, 4 x 2048): MFU (a LoRA step counts
-           LORA_FLOPS_FRACTION of a full one); the Llama-3.2-1B variants come last (see below)
-  engines  the Llama-3-8B Engine's decode (random weights made on the device, 128-token prompts) in bfloat16 and
-           int8 at batch 1, 8 and 64: tokens/s against the HBM roofline, int8 against bfloat16, and whether row 0's
-           greedy tokens match the first run's (random weights: near-ties flip)
+  engines  the Llama-3-8B Engine's decode (random weights made on the device, 128-token prompts) in int8 and
+           bfloat16 at batch 1, 8 and 64: tokens/s against the HBM roofline, int8 against bfloat16, and whether row
+           0's greedy tokens match the first run's (random weights: near-ties flip)
   proj     the matmuls of Llama-3-8B's 32 decoder layers (q, k, v, o, gate, up, down; no attention; one array per
-           layer, as the Engines hold them) at batch 1, 4 and 8, each formulation called explicitly: bfloat16
-           weights; int8 converted in a dot, in the default layout and in `rows_layout`; int8 as `multiply_reduce`
-           and as `packed_reduce` (int32 words) in `rows_layout`: time against the weights' bytes at the measured
-           bandwidth, int8 against bfloat16, and each int8 product's error against float32 (the programs' HLO
-           after optimization goes to hlo.tgz)
+           layer, as the Engines hold them) at batch 1 and 8, each formulation called explicitly: bfloat16 weights;
+           int8 converted in a dot, as `row_reduce`, and through `int8_kernel` with its own tiles and others, all
+           in `rows_layout`: time against the weights' bytes at the measured bandwidth, int8 against bfloat16, and
+           each int8 product's error against float32 (the programs' HLO after optimization goes to hlo.tgz)
   paged    the serving engine (PagedEngine, bfloat16) with 64 requests at once against the Engine's batch-64
            generate of the same prompts (bench/gpu_serve.py)
+  train    full fine-tuning steps (float32 params and AdamW, bfloat16 compute, cuDNN attention, 8 x 2048): Llama-3.2-1B
+           with remat dots and the vocabulary-chunked loss (its profile goes to train.trace.json.gz), Llama-3.2-3B
+           the same, a Llama-3-8B LoRA step (rank 16, frozen bfloat16 base, 4 x 2048): MFU against the measured
+           peak (a LoRA step counts LORA_FLOPS_FRACTION of a full one)
   attention  decode attention at batch 64 over 32 layers (Llama-3-8B's heads, 192 and 1,024 cached tokens): on slices
            of a cache stacked by layer (the Engine's), on one array per layer, and as reductions on the stacked
            cache (bench/gpu_micro.py): against the bytes of K and V (the stacked one's slices were copied, 1.06 ms
@@ -57,18 +56,17 @@ FLAG_SETS = {
     "no-remat-pass": "--xla_disable_hlo_passes=rematerialization",
     "latency-hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
-PROJ_WEIGHTS = ["bfloat16", "int8:dot-rows", "int8:reduce-rows", "int8:kernel-rows", "int8:kernel/64/1024/256/4/3-rows",
-                "int8:kernel/16/2048/256/4/4-rows", "int8:kernel/32/2048/512/8/3-rows"]
+PROJ_WEIGHTS = ["bfloat16", "int8:dot-rows", "int8:reduce-rows", "int8:kernel-rows"] + [
+    f"int8:kernel/{tiles}-rows" for tiles in ("64/1024/256/4/3", "32/512/256/4/3", "32/1024/512/4/3", "16/1024/512/4/4")]
 CASES = [{"kind": "limits", "flags": "default"}]
-CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8) for w in ("int8", "bfloat16")]}]
-CASES += [{"kind": "paged", "batch": 64, "budget": 2048, "flags": "default"}]
+CASES += [{"kind": "engines", "flags": "default", "runs": [[w, b] for b in (1, 8, 64) for w in ("int8", "bfloat16")]}]
 CASES += [{"kind": "proj", "weights": PROJ_WEIGHTS, "flags": "default", "dump_hlo": True, "batches": [1, 8]}]
+CASES += [{"kind": "paged", "batch": 64, "budget": 2048, "flags": "default"}]
 CASES += [{"kind": "train", "remat": "dots", "batch": 8, "vocab_chunk": "chunked", "flags": "default", "trace": True}]
 CASES += [{"kind": "train", "model": "llama3.2-3b", "remat": "dots", "batch": 8, "vocab_chunk": "chunked",
            "flags": "default"},
           {"kind": "train", "model": "llama3-8b", "lora": 16, "remat": "dots", "batch": 4, "vocab_chunk": "chunked",
            "flags": "default"}]
-CASES += [{"kind": "engines", "flags": "default", "runs": [[w, 64] for w in ("bfloat16", "int8")]}]
 CASES += [{"kind": "attention", "flags": "default", "contexts": [192, 1024]}]
 CASES += [{"kind": "train", "remat": r, "batch": b, "vocab_chunk": v, "flags": f} for r, b, v, f in (
     ("dots", 8, "whole", "default"), ("none", 8, "chunked", "default"), ("dots", 16, "chunked", "default"))]

@@ -6,11 +6,7 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
-import numpy as np
-import pytest
-
-from bench import gpu_micro, gpu_tune
+from bench import gpu_micro, gpu_serve, gpu_tune
 from llama_jax import preset
 
 
@@ -39,13 +35,13 @@ def test_int8_formulations_compute_the_dequantized_product():
     assert all(0 < measured["rel_error"][w] < 1e-2 for w in int8), measured["rel_error"]
 
 
-def test_packed_reduce_unpacks_every_byte_with_its_sign():
-    """int8 values read as int32 words and unpacked by shifts: the float32 product, on values covering -127..127."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
-    values = jnp.asarray(rng.integers(-127, 128, size=(64, 24)), jnp.int8)
-    want = x @ values.astype(jnp.float32)
-    np.testing.assert_allclose(gpu_micro.packed_reduce(x, values), want, rtol=1e-5, atol=1e-4)
+def test_the_paged_case_serves_every_token_and_compares_with_the_engine():
+    """The serving case at tiny shapes: every request's tokens come out of the PagedEngine's timed pass (the case
+    asserts it), both engines' rates are positive, and the table names the ratio."""
+    result = gpu_serve.paged_case({"batch": 8, "budget": 64}, gpu_tune.SHAPES[True])
+    assert result["engine"]["tok_s"] > 0 and result["paged"]["tok_s"] > 0
+    assert any(p.startswith("('decode'") for p in result["paged"]["programs"])
+    assert "x the Engine's" in gpu_serve.paged_figures(result)
 
 
 def test_decode_attention_forms_agree():

@@ -19,7 +19,7 @@ from llama_jax.model.quant import (QUANTIZATIONS, QuantArray, check_quantization
                                    quantize, quantize_tree, rows_layout)
 from llama_jax.model.rope import inverse_frequencies
 from llama_jax.model.sharding import MESH_AXES, make_mesh, named_sharding, place, tree_shardings
-from llama_jax.model.weights import CPU_NARROW_WEIGHT_OPTIONS, multiply_reduce, narrow_weight_options, project
+from llama_jax.model.weights import CPU_NARROW_WEIGHT_OPTIONS, narrow_weight_options, project
 
 __all__ = [
     "ATTENTION_IMPLS", "CACHE_NAMES", "COMPUTE_DTYPES", "CPU_NARROW_WEIGHT_OPTIONS", "KVCache", "LORA_TARGETS",
@@ -29,8 +29,9 @@ __all__ = [
     "check_quantization", "einsum_product",
     "forward", "forward_flops_per_token",
     "init_adapters", "init_cache", "init_paged_cache", "init_params", "input_axes", "inverse_frequencies",
-    "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "multiply_reduce", "named_sharding",
+    "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding",
     "narrow_weight_options",
     "paged_attend", "param_logical_names", "param_shapes", "param_shardings", "place", "preset", "project", "quantize",
-    "quantize_tree", "rows_layout", "rows_product", "select_adapters", "training_flops_per_token", "tree_shardings", "unstack_layers",
+    "quantize_tree", "rows_layout", "rows_product", "select_adapters", "training_flops_per_token", "tree_shardings",
+    "unstack_layers",
 ]

@@ -1,12 +1,12 @@
 """An int8 weight times a few token rows on a GPU, as a Pallas (Triton) kernel that reads each int8 byte once.
 
-XLA converts an int8 weight inside a dot with few rows at about half the memory bandwidth, and its fused reduction
-(`multiply_reduce`) reads one at ~43% of it (BENCHMARKS, "GPU tuning suite"); decode is bound by those bytes. Here
-each program takes `block_n` output channels over a `chunk` of the contracted axis (a split of K, so that narrow
-weights still fill the chip), streams its int8 tile `[block_n, block_k]` at a time along contiguous memory (the
-weight stored `[N, K]`: `quant.rows_layout`'s order), converts it in registers and accumulates in float32: one row
-as a multiply and a sum, 2..DOT_ROWS rows as a matrix product with the rows padded to DOT_ROWS. The chunks' partial
-sums `[K / chunk, rows, N]` are added after, by XLA.
+Decode is bound by the weights' bytes. XLA reads an int8 weight converted inside a dot with few rows at about half
+the memory bandwidth, and a product written as a multiply and a sum ran slower still inside the Engine (BENCHMARKS,
+"GPU tuning suite"). Here each program takes `block_n` output channels over a `chunk` of the contracted axis (a
+split of K, so that narrow weights still fill the chip) and streams its int8 tile `[block_n, block_k]` at a time
+along contiguous memory (the weight stored `[N, K]`: `quant.rows_layout`'s order). It converts the tile in registers
+and accumulates in float32: one row as a multiply and a sum, 2..DOT_ROWS rows as a matrix product with the rows
+padded to DOT_ROWS. The chunks' partial sums `[K / chunk, rows, N]` are added after, by XLA.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def rows_layout(params: Any, platforms: tuple[str, ...] = ("gpu",)) -> Any:
     """`params` with each int8 weight's values stored with their contracted axes innermost (an `[in, out]` weight
     as `[out, in]` in memory), where the params live on one of `platforms`; elsewhere `params` as they are. The
     logical shapes, and so the model code, are unchanged (jit compiles for the layout its arguments have). On a GPU,
-    `weights.project` multiplies a single token by such a weight as a row reduction, which reads each int8 byte once
+    `weights.project` multiplies a few tokens by such a weight through `int8_kernel`, which reads it as `[out, in]`
     in long contiguous runs: the Engines and `python -m infer`'s loader lay out their params so there.
 
     Values already so laid out are kept as they are. The others are copied one weight at a time, and each original

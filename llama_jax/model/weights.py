@@ -38,8 +38,8 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     of its gradient dots float32 x bfloat16: float32 (TF32) GEMMs at half the bfloat16 rate, 54% of a Llama-3.2-1B
     bf16 training step's GPU time before (bench/gpu_tune.py's train trace).
     An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU, a product of at most
-    `int8_kernel.DOT_ROWS` token rows is that module's kernel instead) and the output channels scaled after; `spec` must put w's kept axes last in
-    the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
+    `int8_kernel.DOT_ROWS` token rows is that module's kernel instead) and the output channels scaled after; `spec`
+    must put w's kept axes last in the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
     `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -57,25 +57,6 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
 def result_dtype(out_dtype):
     """What a float projection's dot returns (see `project`): float32 on a CPU, else `out_dtype`."""
     return jnp.float32 if jax.default_backend() == "cpu" else out_dtype
-
-
-def multiply_reduce(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` in float32, as a broadcast product summed over the contracted axes: XLA fuses it into
-    one reduction that reads w once (a GEMV), where a dot would convert an int8 w first. The contracted axes come
-    last, so that with w laid out by `quant.rows_layout` the sum runs along contiguous memory. For one token only:
-    at 4 and 8 rows it re-reads w per row (4x and 8x slower than the dot on an H200)."""
-    inputs, out = spec.split("->")
-    x_axes, w_axes = inputs.split(",")
-    contracted = [a for a in w_axes if a not in out]
-    full = [a for a in w_axes if a in out] + [a for a in x_axes if a not in w_axes] + contracted
-
-    def spread(a: jax.Array, axes: str) -> jax.Array:  # a's axes in `full`'s order, length 1 where it has none
-        a = jnp.transpose(a.astype(jnp.float32), [axes.index(n) for n in full if n in axes])
-        return jnp.expand_dims(a, tuple(i for i, n in enumerate(full) if n not in axes))
-
-    kept = full[:len(full) - len(contracted)]
-    summed = jnp.sum(spread(x, x_axes) * spread(w, w_axes), axis=tuple(range(len(kept), len(full))))
-    return jnp.transpose(summed, [kept.index(n) for n in out])
 
 
 def lookup(table: jax.Array | QuantArray, tokens: jax.Array, dtype) -> jax.Array:
