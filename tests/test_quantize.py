@@ -93,7 +93,7 @@ def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
     innermost, the logical shape unchanged) and products of few rows through the int8 kernel (`project` when the
     backend is a GPU; the backend is faked here and the kernel runs in Pallas' interpreter, with tiles that fit the
     tiny model). Prefill (8 rows) and then decode one token at a time give the float logits of values * scale
-    within 2e-5, and every projection took the kernel."""
+    within 2e-5, and every projection took the kernel; under a mesh of two devices none does."""
     config, params, _ = load_fixture(variant)
     quantized = lj.unstack_layers(quantize_tree(params, param_logical_names(config)))
     kept = rows_layout(quantized)  # not on a GPU: as they are
@@ -122,6 +122,12 @@ def test_the_gpu_int8_decode_path_is_the_same_model(variant, monkeypatch):
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), reference, atol=2e-5)
     assert calls and all(calls)  # traced twice (8 rows, then 1), each projection through the kernel
+    calls.clear()
+    mesh = lj.make_mesh("tensor=2", jax.devices()[:2])
+    on_mesh = jax.device_put((laid_out, cache), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with jax.set_mesh(mesh):  # XLA cannot split the kernel's call: over a mesh, the dot
+        logits, _ = forward(*on_mesh[:1], tokens[:, 8:9], config, cache=on_mesh[1])
+    assert not calls and np.isfinite(np.asarray(logits)).all()
 
 
 def test_int8_kv_cache_stores_a_scale_per_token_and_head(tmp_path):

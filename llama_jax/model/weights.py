@@ -37,18 +37,21 @@ def project(spec: str, x: jax.Array, w: jax.Array | QuantArray | LoraWeight | Mu
     float32 inside the matmul unit either way), because a float32 result makes the cotangent float32 and so both
     of its gradient dots float32 x bfloat16: float32 (TF32) GEMMs at half the bfloat16 rate, 54% of a Llama-3.2-1B
     bf16 training step's GPU time before (bench/gpu_tune.py's train trace).
-    An int8 `QuantArray` is converted to x's dtype inside the dot (on a GPU, a product of at most
-    `int8_kernel.DOT_ROWS` token rows is that module's kernel instead) and the output channels scaled after; `spec`
-    must put w's kept axes last in the output, in order, as every projection of the model does. A `LoraWeight` adds its low-rank update; a
-    `MultiLoraWeight` each row's own (x's first axis is the batch: row i takes adapter `w.ids[i]`).
+    An int8 `QuantArray` is converted to x's dtype inside the dot and the output channels scaled after; on one GPU
+    (no mesh of several devices set), a product of at most `int8_kernel.DOT_ROWS` token rows goes through that
+    module's kernel instead. `spec` must put w's kept axes last in the output, in order, as every projection of the
+    model does. A `LoraWeight` adds its low-rank update; a `MultiLoraWeight` each row's own (x's first axis is the
+    batch: row i takes adapter `w.ids[i]`).
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, AdaptedWeight):
         base = project(spec, x, w.base, result_dtype(x.dtype))
         return (base.astype(jnp.float32) + low_rank(spec, x, w)).astype(out_dtype)
     if isinstance(w, QuantArray):
-        out = einsum_product(spec, x, w.values) if jax.default_backend() == "gpu" else None
-        if out is None:  # not on a GPU, or more rows than the kernel takes
+        mesh = jax.sharding.get_abstract_mesh()  # XLA cannot split the kernel's call: over a mesh, the dot's
+        one_device = mesh.empty or mesh.size == 1
+        out = einsum_product(spec, x, w.values) if jax.default_backend() == "gpu" and one_device else None
+        if out is None:  # not on one GPU, or more rows than the kernel takes
             out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (out * w.output_scale).astype(out_dtype)
     return jnp.einsum(spec, x, w, preferred_element_type=result_dtype(out_dtype)).astype(out_dtype)
