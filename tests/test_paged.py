@@ -44,11 +44,15 @@ def run(config, params, pool: PagedCache, rows: list[tuple[list[int], int, int]]
 
 @pytest.fixture(params=["default spans", "small spans"])
 def spans(request, monkeypatch):
-    """The tokens `paged_attend` reads per iteration: the defaults (these contexts fit in one chunk), or 8 for prompt
-    chunks and 4 for decode steps, so that 20-29 tokens take several chunks and the online softmax carries across."""
+    """The tokens `paged_attend` reads per iteration: the defaults (these contexts fit in one chunk; narrow rows take
+    the narrow span), or 8 for prompt chunks and 4 for decode steps and for narrow rows whose contexts are 16 tokens
+    or fewer (wider contexts take the 8), so that 20-29 tokens take several chunks and the online softmax carries
+    across, and both of a narrow row's spans are run."""
     if request.param == "small spans":
         monkeypatch.setattr(paged, "KV_CHUNK_TOKENS", 8)
         monkeypatch.setattr(paged, "DECODE_KV_CHUNK_TOKENS", 4)
+        monkeypatch.setattr(paged, "NARROW_KV_CHUNK_TOKENS", 4)
+        monkeypatch.setattr(paged, "NARROW_CONTEXT", 16)
     jax.clear_caches()  # the spans are read when forward is traced
     yield
     jax.clear_caches()
