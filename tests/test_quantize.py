@@ -1,5 +1,6 @@
 """int8 weights and the int8 KV cache on tiny models: the math, quantized checkpoints, loading on a mesh, the CLIs."""
 
+import importlib.util
 import json
 
 import jax
@@ -85,6 +86,17 @@ def test_the_int8_kernel_is_the_einsum(spec, x_shape, w_shape):
     want_grad = jax.grad(lambda x: jnp.sum(jnp.einsum(spec, x, w.astype(x.dtype), precision="highest") * cotangent))
     np.testing.assert_allclose(grad, want_grad(x), rtol=1e-5, atol=1e-5 * float(jnp.abs(want_grad(x)).max()))
     assert einsum_product(spec, x, w, Tiles(block_n=7), interpret=True) is None  # N not a multiple: the dot's
+
+
+def test_without_the_triton_backend_the_kernel_steps_aside(monkeypatch):
+    """A jax without Pallas' Triton backend (deprecated from 0.11): `einsum_product` declines, and `project` keeps
+    the dot, rather than failing to compile."""
+    x, w = jnp.ones((1, 1, 64)), jnp.ones((64, 32), jnp.int8)
+    assert einsum_product("bsi,io->bso", x, w, Tiles(16, 32, 16), interpret=True) is not None
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name.endswith("pallas.triton") else find(name, *args))
+    assert einsum_product("bsi,io->bso", x, w, Tiles(16, 32, 16)) is None
 
 
 @pytest.mark.parametrize("variant", ["bias", "tied"])

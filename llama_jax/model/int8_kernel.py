@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 DOT_ROWS = 16  # the least rows of a Triton matrix product: 2..16 rows are padded to it
+TRITON_BACKEND = "jax.experimental.pallas.triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,7 @@ def _kernel(x: jax.Array, wt: jax.Array, tiles: Tiles, interpret: bool) -> jax.A
 
 
 def _triton_params(tiles: Tiles):
-    from jax.experimental.pallas import triton as plt  # only where the kernel is compiled for a GPU
+    plt = importlib.import_module(TRITON_BACKEND)  # only where the kernel is compiled for a GPU
 
     return plt.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages)
 
@@ -118,9 +120,10 @@ def _triton_params(tiles: Tiles):
 def einsum_product(spec: str, x: jax.Array, values: jax.Array, tiles: Tiles = Tiles(), interpret: bool = False
                    ) -> jax.Array | None:
     """`jnp.einsum(spec, x, values)` in float32 through `rows_product`, for a projection whose output is x's
-    leading (token) axes then w's kept axes (every projection of the model: "bse,ehd->bshd"); None where the spec or
-    the shapes do not fit. x's tokens become the rows, w's kept axes N and the contracted ones K (with values laid
-    out by `quant.rows_layout`, `[N, K]` is how they lie in memory)."""
+    leading (token) axes then w's kept axes (every projection of the model: "bse,ehd->bshd"). None where the spec or
+    the shapes do not fit, or (not interpreted) where this jax has no Pallas Triton backend. x's tokens become the
+    rows, w's kept axes N and the contracted ones K (with values laid out by `quant.rows_layout`, `[N, K]` is how
+    they lie in memory)."""
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
     kept = [a for a in w_axes if a in out]
@@ -130,8 +133,8 @@ def einsum_product(spec: str, x: jax.Array, values: jax.Array, tiles: Tiles = Ti
         return None
     sizes = dict(zip(x_axes, x.shape)) | dict(zip(w_axes, values.shape))
     rows, n, k = (math.prod(sizes[a] for a in axes) for axes in (lead, kept, contracted))
-    if not fits(rows, n, k, tiles):
-        return None
+    if not fits(rows, n, k, tiles) or not (interpret or importlib.util.find_spec(TRITON_BACKEND)):
+        return None  # also where this jax has no Pallas Triton backend (deprecated from jax 0.11): then the dot
     x2 = jnp.transpose(x, [x_axes.index(a) for a in lead + contracted]).reshape(rows, k)
     wt = jnp.transpose(values, [w_axes.index(a) for a in kept + contracted]).reshape(n, k)
     return rows_product(x2, wt, tiles, interpret).reshape([sizes[a] for a in out])
