@@ -61,7 +61,7 @@ def _product(x, wt, tiles, interpret):
 
 
 def _product_fwd(x, wt, tiles, interpret):
-    return _kernel(x, wt, tiles, interpret), (wt, jnp.zeros((), x.dtype))
+    return _kernel(x, wt, tiles, interpret), (wt, jnp.zeros((), x.dtype))  # the scalar carries x's dtype
 
 
 def _product_bwd(tiles, interpret, residuals, g):
@@ -74,6 +74,8 @@ _product.defvjp(_product_fwd, _product_bwd)
 
 
 def _kernel(x: jax.Array, wt: jax.Array, tiles: Tiles, interpret: bool) -> jax.Array:
+    """x `[rows, K]` times wt `[N, K]` transposed -> `[rows, N]` float32: the grid `[N / block_n, K / chunk]` writes
+    partial sums `[K / chunk, rows or DOT_ROWS, N]`, added here."""
     rows, k = x.shape
     n = wt.shape[0]
     chunk = _chunk(k, tiles)
