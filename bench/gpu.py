@@ -232,9 +232,7 @@ def _time_train_step(config, batch: int, seq: int, remat: str, attention: str, s
     """One OurTrainStep on fresh random params (float32; bfloat16 for a LoRA base), timed `steps` times. A
     function of its own, so that the model and optimizer state are freed when it returns or raises (before the
     next run allocates its own)."""
-    params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
-    ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=batch, seq_len=seq, remat=remat,
-                        attention=attention, copy_params=False, lora=lora)
+    ours = OurTrainStep.fresh(config, batch=batch, seq_len=seq, remat=remat, attention=attention, lora=lora)
     runs = interleave({"ours": ours}, steps)["ours"]
     return {"compile_s": ours.compile_s, "runs": runs, "ours_loss": runs[0]["loss"],
             "ours_step_s": best([r["step_s"] for r in runs], higher_is_better=False)}

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import timed
+from bench.gpu import failure
 from llama_jax.model import QuantArray, Tiles, attend, einsum_product, rows_layout
 
 PROJ_BATCHES = (1, 4, 8)
@@ -76,7 +77,7 @@ def proj_case(case: dict, config, rounds: int = 5) -> dict:
             try:
                 jax.block_until_ready(run(x, stack))  # compiles
             except Exception as err:  # noqa: BLE001 (a candidate that does not compile here: reported, not fatal)
-                errors[f"{weights} failed"] = f"{type(err).__name__}: {str(err)[:300]}"
+                errors[f"{weights} failed"] = failure(err)
                 break
             times[f"batch {batch}"] = min(timed(lambda x=x: jax.block_until_ready(run(x, stack)))
                                           for _ in range(rounds))

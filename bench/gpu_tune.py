@@ -90,6 +90,7 @@ def engines_case(case: dict, shapes: dict) -> dict:
     """Engine decode tokens/s and TTFT for each [weights, batch] of case["runs"] on one set of random
     Llama-3-8B-shape bfloat16 weights and their int8 quantization (`quantize_tree`), bfloat16 compute and cache."""
     from bench.decode import OurGenerate
+    from bench.gpu import failure
     from llama_jax import init_params, preset
     from llama_jax.model import param_logical_names, quantize_tree
 
@@ -102,7 +103,7 @@ def engines_case(case: dict, shapes: dict) -> dict:
             ours = OurGenerate(quantized if kind == "int8" else params, config, dtype=jnp.bfloat16, batch=batch,
                                prompt_len=shapes["prompt"], new_tokens=shapes["new_tokens"])
         except Exception as e:  # noqa: BLE001 (reported in the table)
-            out.append({"weights": kind, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            out.append({"weights": kind, "batch": batch, "error": failure(e)})
             continue
         runs = [ours() for _ in range(2)]
         out.append({"weights": kind, "batch": batch, "compile_s": ours.compile_s,
@@ -132,7 +133,7 @@ def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
     """One case, here (the child); returns its measurements."""
     from bench import machine
     from bench.train import OurTrainStep
-    from llama_jax import init_params, preset
+    from llama_jax import preset
     from llama_jax.training import VOCAB_CHUNK, LoraConfig
 
     shapes = SHAPES[tiny]
@@ -151,11 +152,10 @@ def run_case(case: dict, tiny: bool, out_dir: Path) -> dict:
     if case["kind"] == "paged":
         return paged_case(case, shapes)
     config = preset(train_model(case, tiny))
+    vocab_chunk = config.vocab_size if case["vocab_chunk"] == "whole" else VOCAB_CHUNK
     lora = LoraConfig(case["lora"], 2.0 * case["lora"]) if case.get("lora") else None
-    params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
-    ours = OurTrainStep(params, config, dtype=jnp.bfloat16, batch=case["batch"], seq_len=shapes["seq"],
-                        remat=case["remat"], copy_params=False, attention=attention, lora=lora,
-                        vocab_chunk=config.vocab_size if case["vocab_chunk"] == "whole" else VOCAB_CHUNK)
+    ours = OurTrainStep.fresh(config, batch=case["batch"], seq_len=shapes["seq"], remat=case["remat"],
+                              attention=attention, vocab_chunk=vocab_chunk, lora=lora)
     runs = [ours() for _ in range(3)]
     if case.get("trace"):
         traced(ours, out_dir / f"{case['kind']}.trace.json.gz")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.model import LORA_TARGETS, init_adapters, param_logical_names, unstack_layers
+from llama_jax.model import LORA_TARGETS, init_adapters, init_params, param_logical_names, unstack_layers
 from llama_jax.training import (VOCAB_CHUNK, LoraConfig, OptimizerConfig, init_state, learning_rate, make_optimizer,
                                 train_step)
 
@@ -62,6 +62,13 @@ class OurTrainStep:
         start = time.perf_counter()
         self()
         self.warmup_s = time.perf_counter() - start
+
+    @classmethod
+    def fresh(cls, config, *, lora: LoraConfig | None = None, **kwargs) -> OurTrainStep:
+        """A bfloat16-compute step on fresh random params that it owns: float32 (with AdamW), or for `lora` a
+        bfloat16 frozen base (as `train --lora-rank` holds it); kwargs as `__init__`'s."""
+        params = init_params(config, jax.random.key(1), dtype=jnp.float32 if lora is None else jnp.bfloat16)
+        return cls(params, config, dtype=jnp.bfloat16, copy_params=False, lora=lora, **kwargs)
 
     def __call__(self) -> dict:
         start = time.perf_counter()

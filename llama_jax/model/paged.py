@@ -127,9 +127,11 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     rows, length, heads, head_dim = q.shape
     kv_heads, block_size = pool[0].shape[2], pool[0].shape[3]
     if per_chunk is None and 1 < length <= NARROW_QUERIES:
-        narrow, wide = (functools.partial(paged_attend, dtype=dtype, per_chunk=max(1, tokens // block_size))
-                        for tokens in (min(NARROW_KV_CHUNK_TOKENS, KV_CHUNK_TOKENS), KV_CHUNK_TOKENS))
-        return jax.lax.cond(jnp.max(pages.lengths) <= NARROW_CONTEXT, narrow, wide, q, pool, layer, pages)
+        narrow = max(1, min(NARROW_KV_CHUNK_TOKENS, KV_CHUNK_TOKENS) // block_size)
+        return jax.lax.cond(jnp.max(pages.lengths) <= NARROW_CONTEXT,
+                            functools.partial(paged_attend, dtype=dtype, per_chunk=narrow),
+                            functools.partial(paged_attend, dtype=dtype, per_chunk=chunk_blocks(block_size)),
+                            q, pool, layer, pages)
     if per_chunk is None:
         per_chunk = chunk_blocks(block_size, decode=length == 1)
     group, span = heads // kv_heads, per_chunk * block_size
