@@ -12,6 +12,8 @@ import pytest
 
 from infer.__main__ import main as infer_main
 
+pytestmark = pytest.mark.slow  # SmolLM2 through a pseudo-terminal: about 30 s
+
 
 class Terminal:
     """A program on a pseudo-terminal: type lines, read what it prints."""

@@ -171,6 +171,7 @@ def test_bf16_cache(gqa):
     assert tokens[:8] == ref["gen_tokens"][:8].tolist()
 
 
+@pytest.mark.slow  # a memory measurement
 def test_bf16_weights_are_never_converted_all_at_once(monkeypatch):
     """XLA:CPU converts bfloat16 weights to float32 to multiply them; the engine's programs must do it one weight at a
     time, not hoist a float32 copy of the whole model out of the decode loop (2x the weights: 32 GB at 8B)."""

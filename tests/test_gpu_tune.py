@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench import gpu_micro, gpu_serve, gpu_tune
 from llama_jax import preset
 
@@ -22,6 +24,7 @@ def test_every_flag_set_is_known_to_xla():
     assert bad.returncode != 0  # what the check above would catch
 
 
+@pytest.mark.slow  # a bench tool's case
 def test_int8_formulations_compute_the_dequantized_product():
     """Every int8 projection candidate, on the tiny model's shapes (one batch size: the rest only adds compiles):
     timed, and within bf16 rounding of the float32 product of the dequantized weight (relative error in norm, at 8
@@ -35,6 +38,7 @@ def test_int8_formulations_compute_the_dequantized_product():
     assert all(0 < measured["rel_error"][w] < 1e-2 for w in int8), measured["rel_error"]
 
 
+@pytest.mark.slow  # a bench tool's case
 def test_the_paged_case_serves_every_token_and_compares_with_the_engine():
     """The serving case at tiny shapes: every request's tokens come out of the PagedEngine's timed pass (the case
     asserts it), both engines' rates are positive, and the table names the ratio."""

@@ -58,6 +58,7 @@ def run_infer(capsys, *args):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # SmolLM2's programs at two batch sizes
 def test_json_batch_equals_single_and_stops(smollm2_checkpoint, tmp_path, capsys):
     prompts = ["What is 2 + 2?", "Name a fruit that is yellow.", "Say hello in French."]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -182,6 +183,7 @@ def test_bad_perplexity_input_is_one_line(smollm2_checkpoint, tmp_path, capsys, 
     assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # three processes
 def test_nearby_requests_reuse_the_compiled_programs(tiny_checkpoint, tmp_path):
     """The cache length is bucketed: a second run with another --max-new-tokens in the same bucket compiles nothing
     new (the persistent compilation cache gains no entry), and a run past the bucket does (a tiny model: the
@@ -232,6 +234,7 @@ def test_json_schema_constrains_every_completion(tiny_checkpoint, tmp_path, caps
     assert code != 0 and "bad.json" in err and "frobnicate" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow  # SmolLM2's programs; test_speculation covers the engine
 def test_speculate_gives_the_tokens_of_plain_infer(tiny_checkpoint, smollm2_checkpoint, tmp_path, capsys):
     """--speculate ngram and draft:CKPT (the model as its own draft: greedy, it accepts every proposal): the same
     tokens as `infer` without it, with the proposals counted (sampled rows, other drafts and many prompts:
@@ -258,6 +261,7 @@ def test_speculate_gives_the_tokens_of_plain_infer(tiny_checkpoint, smollm2_chec
     assert exit.value.code == 2 and "--speculate" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two processes and a conversion
 def test_readme_demo_on_a_fresh_cache(tmp_path):
     """No CKPT_DIR: the default model is converted once, then answers the README's question correctly. Time (~20 s):
     two `python -m infer` processes on a fresh cache, the first converting the GGUF, as a new user's first run.

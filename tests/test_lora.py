@@ -230,6 +230,7 @@ def test_adapters_that_do_not_fit_are_one_line(base, tmp_path, capsys):
         assert code == 2 and message in err and str(adapter) in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # a training run
 def test_dropout_changes_the_gradient_and_is_recorded(base, trained, tmp_path):
     """--lora-dropout: the adapters' inputs are dropped out in training (another loss from step 2 on, as B moves),
     and PEFT's lora_dropout records it; eval and inference do not drop anything. Time (~10 s): a train run with

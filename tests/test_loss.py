@@ -94,6 +94,7 @@ def test_bf16_training_gradient_dots_are_bf16_off_the_cpu(remat, monkeypatch):
     assert wide and all(any(config.vocab_size in shape for shape in shapes) for shapes in wide), wide
 
 
+@pytest.mark.slow  # bf16 steps emulated on a CPU
 def test_bf16_training_off_the_cpu_is_the_same_step_within_bf16_rounding(monkeypatch):
     """The same bf16-compute loss and gradients, whether the projections' dots return float32 (a CPU) or bfloat16
     (a GPU or TPU; faked here, run on this CPU): the loss within 1e-3 and each gradient within 3% in norm

@@ -263,6 +263,7 @@ def cudnn_on_cpu(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # bf16 attention emulated on a CPU
 def test_cudnn_attention_path_matches_xla_in_bf16(cudnn_on_cpu):
     """attention="cudnn": prefill/training forwards go through the fused call (causal when there is no cache,
     with a mask only for packed or padded rows or a cache), one-token cached steps do not; logits and loss

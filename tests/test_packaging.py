@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pip resolving against the index: about 40 s of CPU
+
 REPO = Path(__file__).resolve().parents[1]
 # The other end of the ranges in pyproject.toml: jax 0.12 needs Python >= 3.12 (constraints-upper.txt).
 UPPER = {"jax": "0.12.0.1", "jaxlib": "0.12.0.1", "flax": "0.12.12", "optax": "0.2.8", "orbax-checkpoint": "0.12.8"}

@@ -225,6 +225,7 @@ def test_the_scheduler_serves_every_request_frees_cancelled_ones_and_refuses_whe
     assert (load["busy"], load["waiting"], load["blocks_used"]) == (0, 0, 0) and all_free(engine)
 
 
+@pytest.mark.slow  # 8 simulated devices; test_quantize and test_generate cover a mesh fast
 @pytest.mark.parametrize("spec", ["data=2,tensor=4"])
 def test_a_sharded_engine_equals_one_device(gqa, spec):
     import llama_jax as lj

@@ -206,7 +206,7 @@ def test_export_of_an_int8_checkpoint_is_dequantized_and_says_so(converted, tmp_
         assert np.abs(exported[name] - tensor).max() <= step / 2 + 1e-6, name
 
 
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=2,tensor=2", "fsdp=8"])
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=2,tensor=2", pytest.param("fsdp=8", marks=pytest.mark.slow)])
 def test_quantize_on_load_on_a_mesh_generates_as_one_device(converted, mesh_spec):
     """Quantized while loading on a mesh (the contracted axis sharded over fsdp too): the same int8 values, laid out
     by the weights' logical names, and the Engine (int8 weights and int8 cache) emits the same greedy tokens."""

@@ -80,6 +80,7 @@ def test_speculation_gives_the_tokens_of_plain_decoding(gqa):
     assert speculating.blocks.available() == speculating.blocks.usable
 
 
+@pytest.mark.slow  # a second model's programs
 def test_a_draft_model_gives_the_tokens_of_plain_decoding(gqa):
     """16 requests (greedy, sampled, penalized) with a draft of another architecture (the mha fixture: the same
     vocabulary), then greedy ones with the model as its own draft: they accept every proposal, which they can only if
@@ -130,6 +131,7 @@ def test_the_model_accepts_exactly_the_proposals_it_would_emit(gqa):
     assert engine.counters["proposed_tokens"] == sum(len(p) for p in proposed)
 
 
+@pytest.mark.slow  # thousands of samples
 def test_sampled_speculation_keeps_the_models_distribution():
     """2,000 requests (seeds 0..1999) of a random 8-token-vocabulary model, sampled at temperature 1, with a proposer
     that proposes, after the first token a, [x, y]: the most likely second token after a and the most likely third

@@ -248,6 +248,7 @@ def two_processes(args, env) -> list[tuple[str, str]]:
     return results
 
 
+@pytest.mark.slow  # two processes: test_sharded_mesh_gives_the_same_losses covers the mesh in one
 def test_two_processes_give_the_same_losses_as_one(sharded, tiny, data, env, tmp_path):
     """2 processes x 4 CPU devices joined by jax.distributed == 1 process x 8 devices, on the same mesh."""
     out = tmp_path / "run"
@@ -289,6 +290,7 @@ def test_qlora_resumes_after_sigterm_with_the_same_losses(qlora, tiny, data, env
         "adapter_config.json", "adapter_model.safetensors", "llama_jax_adapter.json"]
 
 
+@pytest.mark.slow  # two processes, as above
 def test_qlora_on_two_processes_gives_the_same_losses_and_adapter(qlora, tiny, data, env, tmp_path):
     """Time (~25 s): two `python -m train` processes joined by jax.distributed, each starting jax and compiling the
     QLoRA step for its half of the mesh."""

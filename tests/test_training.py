@@ -92,7 +92,8 @@ def test_tiny_model_overfits_twenty_examples():
     assert losses[0] > 5.0 and losses[-1] < 0.05, (losses[0], losses[-1])
 
 
-@pytest.mark.parametrize("spec", ["fsdp=8", "data=2,fsdp=2,tensor=2", "data=4,tensor=2"])
+@pytest.mark.parametrize("spec", [pytest.param("fsdp=8", marks=pytest.mark.slow), "data=2,fsdp=2,tensor=2",
+                                  pytest.param("data=4,tensor=2", marks=pytest.mark.slow)])  # one mesh fast
 def test_sharded_step_equals_single_device(spec):
     config, params, _ = load_fixture("gqa")
     opt = OptimizerConfig(total_steps=10, lr=1e-3, weight_decay=0.1)
