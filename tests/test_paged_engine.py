@@ -135,6 +135,43 @@ def test_a_full_pool_preempts_the_youngest_and_it_continues_exactly(gqa):
     assert engine.counters["preemptions"] > 0 and all_free(engine)
 
 
+
+def test_a_prompt_done_decodes_in_the_same_step_and_a_request_done_at_its_first_token_does_not(gqa):
+    """A step that completes a prompt goes on to decode it (its row does not idle for a call); one that stops or
+    reaches max_new_tokens with the token its prefill samples gets nothing more."""
+    config, params, ref = gqa
+    prompts = [r.prompt for r in requests_of(ref)[:3]]
+    first = solo(config, params, Request(prompts[2], 1))[0]
+    requests = [Request(prompts[0], 10), Request(prompts[1], 1), Request(prompts[2], 10, stop_ids=(first,))]
+    engine = PagedEngine(params, config, slots=4, max_len=MAX_LEN, block_size=4, chunk=3)  # 4: one prefill call
+    sids = [engine.add(r) for r in requests]
+    outputs = {out.sid: out for out in engine.step()}
+    assert [t.id for t in outputs[sids[0]].tokens] == solo(config, params, requests[0])[:4]  # 1 sampled + 3 decoded
+    assert outputs[sids[0]].finish_reason is None
+    assert [(len(outputs[s].tokens), outputs[s].finish_reason) for s in sids[1:]] == [(1, "length"), (1, "stop")]
+    assert engine.runs["decode", 1] == 1 and list(engine.running) == [sids[0]]
+
+
+def test_a_request_preempted_right_after_its_prefill_keeps_its_token_and_continues_exactly(gqa):
+    """Four blocks of 4 tokens: two prompts (3 and 6 tokens) fill three, then the older one's growth takes the last
+    and the younger one's is preempted in the step its first token was sampled: that token is still delivered,
+    and both equal themselves alone."""
+    config, params, ref = gqa
+    prompts = [r.prompt for r in requests_of(ref)[:2]]
+    requests = [Request(prompts[0][:3], 10), Request((prompts[1] * 2)[:6], 8)]
+    engine = PagedEngine(params, config, slots=4, max_len=16, kv_tokens=16, block_size=4, chunk=4)
+    sids = [engine.add(r) for r in requests]
+    outputs = {out.sid: out for out in engine.step()}
+    assert engine.counters["preemptions"] == 1 and [s.sid for s in engine.waiting] == [sids[1]]
+    assert len(outputs[sids[1]].tokens) == 1 and outputs[sids[1]].finish_reason is None
+    got, reasons = {sid: [t.id for t in out.tokens] for sid, out in outputs.items()}, {}
+    while engine.running or engine.waiting:
+        for out in engine.step():
+            got[out.sid] += [t.id for t in out.tokens]
+            reasons[out.sid] = out.finish_reason
+    assert [got[sid] for sid in sids] == [solo(config, params, r) for r in requests]
+    assert [reasons[sid] for sid in sids] == ["length", "length"] and all_free(engine)
+
 def test_a_lone_request_runs_one_row_whatever_the_slots(gqa):
     from llama_jax.generation.paged_steps import choose_shape, prefill_shapes
 

@@ -10,10 +10,11 @@ Each `step` admits waiting requests (first come, first served) while a row (`slo
 free, starting each from the longest run of its prompt's blocks in the prefix cache; prefills up to
 `max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, each over as many of
 its rows as it needs; a long one in chunks over several steps); then runs up to `chunk` decode steps of every
-request that is decoding. Only rows in use are computed (the row counts are bucketed to powers of two), and
-attention reads only the blocks a row holds. When a decoding request needs a block and none is free, the youngest
-request is preempted: its blocks released (their full blocks stay in the prefix cache) and it waits again at the
-head of the queue, its tokens kept, so it continues exactly where it was.
+request that is decoding, those whose prompts that prefill completed included. Only rows in use are computed (the
+row counts are bucketed to powers of two), and attention reads only the blocks a row holds. When a decoding request
+needs a block and none is free, the youngest request is preempted: its blocks released (their full blocks stay in
+the prefix cache) and it waits again at the head of the queue, its tokens kept, so it continues exactly where it
+was.
 
 A request's tokens equal `Engine.generate` on its prompt alone with the same settings and seed: its rows's PRNG
 stream and step count go with it, whatever rows, chunks or preemptions it goes through. Beyond what `Engine` does,
@@ -47,6 +48,9 @@ from llama_jax.generation.speculation import NgramProposer, verify_pages
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
                              init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
                              adapter_count, rows_layout, tree_shardings, unstack_layers)
+
+# A step's new tokens, by request id: sid -> (the request, its tokens)
+StepTokens = dict[int, tuple[RequestState, list[Token]]]
 
 
 class PagedEngine:
@@ -149,13 +153,15 @@ class PagedEngine:
 
     def step(self) -> list[Output]:
         """Admit, prefill up to max_batch_tokens prompt tokens, then up to `chunk` decode steps of every request
-        that is decoding. Returns what each request got (finished ones are gone from the engine)."""
+        that is decoding (those whose prompts this prefill completed too). Returns what each request got (finished
+        ones are gone from the engine)."""
         self._admit()
-        decoding = self._grow([s for s in self.running.values() if s.decoding])
         prefilling = [s for s in self.running.values() if not s.decoding]
-        outputs: dict[int, list[Token]] = collections.defaultdict(list)
+        outputs: StepTokens = {}
         if prefilling:
             self._prefill(prefilling, outputs)
+        # a request whose prompt is now all in decodes in this step too (its row would idle for a call otherwise)
+        decoding = self._grow([s for s in self.running.values() if s.decoding and self._reason(s) is None])
         if decoding:
             self._decode(decoding, outputs)
         return self._finish(outputs)
@@ -202,7 +208,7 @@ class PagedEngine:
         self.waiting.appendleft(sequence)
         self.counters["preemptions"] += 1
 
-    def _prefill(self, prefilling: list[RequestState], outputs: dict[int, list[Token]]) -> None:
+    def _prefill(self, prefilling: list[RequestState], outputs: StepTokens) -> None:
         shape, layout = choose_shape(self.prefill_shapes, [len(s.tokens) - s.computed for s in prefilling],
                                      [s.computed for s in prefilling])
         rows = [(prefilling[i], n) for i, n in layout]
@@ -220,7 +226,7 @@ class PagedEngine:
                 self._emit(sequence, first[r][0], outputs)
             self._register(sequence)
 
-    def _decode(self, decoding: list[RequestState], outputs: dict[int, list[Token]]) -> None:
+    def _decode(self, decoding: list[RequestState], outputs: StepTokens) -> None:
         """Up to `chunk` tokens of each decoding request, or with speculation, when some request has proposals, one
         verifying forward of them all."""
         rows = next(n for n in self.decode_rows if n >= len(decoding))
@@ -267,13 +273,13 @@ class PagedEngine:
                                                               self.table_len, self.max_len)
         return self.params, self.pool, tokens, pages, seeds, streams, steps, *per_row[2:], self.is_stop, limit, proposed
 
-    def _emit(self, sequence: RequestState, token: Token, outputs: dict[int, list[Token]]) -> None:
+    def _emit(self, sequence: RequestState, token: Token, outputs: StepTokens) -> None:
         if sequence.request.constraint is not None:
             sequence.request.constraint.consume(token.id)
         sequence.tokens.append(token.id)
         sequence.emitted += 1
         self.counters["generated_tokens"] += 1
-        outputs[sequence.sid].append(token)
+        outputs.setdefault(sequence.sid, (sequence, []))[1].append(token)
 
     def _register(self, sequence: RequestState) -> None:
         """Key the request's newly full, computed blocks, so later requests can share them."""
@@ -285,16 +291,19 @@ class PagedEngine:
                 self.blocks.register(block, key)
             sequence.keys += new
 
-    def _finish(self, outputs: dict[int, list[Token]]) -> list[Output]:
+    def _reason(self, sequence: RequestState) -> str | None:
+        """Why the request has finished ("stop": a stop id, "length": max_new_tokens), or None."""
+        last = sequence.tokens[-1]
+        return ("stop" if self.is_stop[last] or last in sequence.request.stop_ids else
+                "length" if sequence.emitted >= sequence.request.max_new_tokens else None)
+
+    def _finish(self, outputs: StepTokens) -> list[Output]:
+        """Each request's Output; finished ones leave the engine (running, or waiting if preempted since)."""
         results = []
-        for sid, tokens in outputs.items():
-            sequence = self.running[sid]
-            last = sequence.tokens[-1]
-            reason = ("stop" if self.is_stop[last] or last in sequence.request.stop_ids else
-                      "length" if sequence.emitted >= sequence.request.max_new_tokens else None)
+        for sid, (sequence, tokens) in outputs.items():
+            reason = self._reason(sequence)
             if reason is not None:
-                del self.running[sid]
-                self.blocks.release(sequence.blocks)
+                self.abort(sid)
             first = sequence.emitted == len(tokens)
             speculated = (sequence.proposed, sequence.accepted) if reason else (0, 0)
             results.append(Output(sid, tokens, reason, sequence.cached if first else 0, *speculated))
