@@ -119,6 +119,48 @@ def test_the_prefix_cache_serves_a_shared_prefix_and_never_overwrites_it(gqa):
     assert engine.counters["cached_tokens"] >= 32 * 2 and all_free(engine)
 
 
+def run_all(engine, requests, steps=60):
+    """Every request added at once, stepped until all finish (a test failure, not a hang, if some never does)."""
+    sids = [engine.add(r) for r in requests]
+    got, outputs = {sid: [] for sid in sids}, {sid: [] for sid in sids}
+    for _ in range(steps):
+        for out in engine.step():
+            got[out.sid] += [t.id for t in out.tokens]
+            outputs[out.sid].append(out)
+        if not engine.running and not engine.waiting:
+            return [got[sid] for sid in sids], [outputs[sid] for sid in sids]
+    raise AssertionError(f"requests unfinished after {steps} steps")
+
+
+def test_a_prompt_that_goes_on_with_part_of_a_cached_block_copies_it_and_leaves_it_as_it_was(gqa):
+    """Past its shared full blocks, a prompt takes the tokens it shares with a cached block's (a conversation sent
+    again with its reply, 2 tokens into a block of 4) into a copy of its own: two such requests at once, each going
+    on differently, and a prompt sent again whole (its first token then sampled by a decode step: no prefill runs),
+    each equal to itself alone; the cached block is never written."""
+    config, params, ref = gqa
+    first = requests_of(ref)[1]  # 11 tokens, and 4 more: 14 computed (3 blocks of 4, then 2 tokens into the 4th)
+    stop = solo(config, params, Request(first.prompt, 4))[3]  # the reply ends with it
+    engine = PagedEngine(params, config, slots=3, max_len=MAX_LEN, block_size=4, chunk=3, stop_ids=[stop])
+    (reply,), _ = run_all(engine, [Request(first.prompt, 4)])
+    assert reply[-1] == stop and len(reply) == 4
+    history = list(first.prompt) + reply
+    source, shared = engine.blocks.extend(engine_keys(engine, Request(history + [0], 1))[-1], history[12:])
+    assert shared == 2 and source is not None
+    before = np.asarray(engine.pool.k[:, source, :, :2])
+    turns = [Request(history + [9, 4, 1], 8, SamplingParams(temperature=1.0), 5), Request(history + [2, 7], 6)]
+    got, outputs = run_all(engine, turns)
+    assert got == [solo(config, params, r, [stop]) for r in turns]
+    assert [o[0].cached for o in outputs] == [len(history) - 1] * 2  # 14: 12 in shared blocks, 2 copied
+    prefills = sum(n for (kind, _), n in engine.runs.items() if kind == "prefill")
+    again = [Request(list(first.prompt), 6, SamplingParams(temperature=0.9), 2), Request(history, 5)]  # 10 and 14
+    got, outputs = run_all(engine, again)  # the second ends with a stop id: its first token is still sampled
+    assert got == [solo(config, params, r, [stop]) for r in again]
+    assert [o[0].cached for o in outputs] == [len(first.prompt) - 1, len(history) - 1]
+    assert sum(n for (kind, _), n in engine.runs.items() if kind == "prefill") == prefills
+    np.testing.assert_array_equal(np.asarray(engine.pool.k[:, source, :, :2]), before)
+    assert all_free(engine)
+
+
 def engine_keys(engine, request):
     from llama_jax.generation.blocks import block_keys
     return block_keys(list(request.prompt)[:-1], engine.block_size)

@@ -24,7 +24,8 @@ from llama_jax.generation.requests import RequestState
 from llama_jax.generation.rows import block_tables, prefill_arrays
 from llama_jax.generation.sampling import greedy_tokens
 from llama_jax.generation.steps import decode_step
-from llama_jax.model import LlamaConfig, PagedCache, Pages, forward, init_paged_cache, unstack_layers
+from llama_jax.model import (LlamaConfig, PagedCache, Pages, copy_blocks, forward, init_paged_cache,
+                             unstack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +81,16 @@ class Drafter:
         self.programs = Programs({"draft_prefill": jax.jit(functools.partial(draft_prefill, **static),
                                                            donate_argnums=(1,)),
                                   "propose": jax.jit(functools.partial(draft_propose, **static, k=draft.k),
-                                                     donate_argnums=(1,))}, options)
+                                                     donate_argnums=(1,)),
+                                  "draft_copy": jax.jit(copy_blocks, donate_argnums=(0,))}, options)
 
     def prefill(self, tokens: np.ndarray, pages: Pages) -> None:
         """The chunks the engine has just prefilled, into the draft's pool."""
         self.pool = self.programs("draft_prefill", tokens.shape, (self.params, self.pool, tokens, pages))
+
+    def copy(self, pairs: np.ndarray) -> None:
+        """Blocks `pairs[0]` copied over blocks `pairs[1]` in the draft's pool, as the engine copies them in its own."""
+        self.pool = self.programs("draft_copy", pairs.shape[1], (self.pool, *pairs))
 
     def propose(self, decoding: list[RequestState], rows: int, table_len: int, max_len: int) -> list[list[int]]:
         """k proposals per decoding request (the engine keeps those its blocks and max_new_tokens allow)."""
@@ -103,6 +109,8 @@ class Drafter:
         for rows in decode_rows:
             lowered["propose", rows] = self.programs.lower(
                 "propose", (self.params, self.pool, *propose_arrays([], rows, table_len, max_len)))
+        slots = decode_rows[-1]
+        lowered["draft_copy", slots] = self.programs.lower("draft_copy", (self.pool, *np.zeros((2, slots), np.int32)))
         return lowered
 
 

@@ -7,7 +7,8 @@
     engine.abort(sid)                                  # a client left: its blocks are free at once
 
 Each `step` admits waiting requests (first come, first served) while a row (`slots`) and blocks for their prompt are
-free, starting each from the longest run of its prompt's blocks in the prefix cache; prefills up to
+free, starting each from the longest run of its prompt's blocks in the prefix cache (then the tokens it shares with
+one more cached block, copied into its own); prefills up to
 `max_batch_tokens` prompt tokens of the requests still prefilling (several prompts in one call, each over as many of
 its rows as it needs; a long one in chunks over several steps); then runs up to `chunk` decode steps of every
 request that is decoding, those whose prompts that prefill completed included. Only rows in use are computed (the
@@ -46,7 +47,7 @@ from llama_jax.generation.rows import decode_arrays, host_tokens, prefill_arrays
 from llama_jax.generation.drafting import DraftModel, Drafter
 from llama_jax.generation.speculation import NgramProposer, verify_pages
 from llama_jax.model import (CPU_NARROW_WEIGHT_OPTIONS, POOL_NAMES, LlamaConfig, check_attention, chunk_blocks,
-                             init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
+                             copy_blocks, init_paged_cache, named_sharding, narrow_weight_options, param_logical_names,
                              adapter_count, rows_layout, tree_shardings, unstack_layers)
 
 # A step's new tokens, by request id: sid -> (the request, its tokens)
@@ -105,8 +106,8 @@ class PagedEngine:
         static = dict(config=config, dtype=dtype, attention=attention, top_logprobs=top_logprobs)
         self.programs = Programs({kind: jax.jit(functools.partial(function, **static), donate_argnums=(1,))
                                   for kind, function in (("prefill", prefill_chunk), ("verify", verify_pages),
-                                                         ("decode", functools.partial(decode_pages, width=chunk)))},
-                                 self._options, mesh)
+                                                         ("decode", functools.partial(decode_pages, width=chunk)))}
+                                 | {"copy": jax.jit(copy_blocks, donate_argnums=(0,))}, self._options, mesh)
         self.runs = self.programs.runs  # (kind, shape) -> times a program ran
         self.prefill_shapes = prefill_shapes(max_batch_tokens, slots, max_len)
         self.decode_rows = powers_of_two(slots)
@@ -167,23 +168,35 @@ class PagedEngine:
         return self._finish(outputs)
 
     def _admit(self) -> None:
+        copies: list[tuple[int, int]] = []  # (cached block, the request's own) to copy before any program runs
         while self.waiting and len(self.running) < self.slots:
             sequence = self.waiting[0]
             # the last token is always computed; a block is of use only under the adapter that computed it
-            keys = block_keys(sequence.tokens[:-1], self.block_size, root_key(sequence.request.adapter))
+            root = root_key(sequence.request.adapter)
+            keys = block_keys(sequence.tokens[:-1], self.block_size, root)
             hit = self.blocks.match(keys)
-            self.blocks.take(hit)
-            need = -(-len(sequence.tokens) // self.block_size) - len(hit)
-            fresh = self.blocks.allocate(need)
+            start = len(hit) * self.block_size  # then some tokens of a cached block, copied into its own
+            source, shared = self.blocks.extend(keys[len(hit) - 1] if hit else root, sequence.tokens[start:-1])
+            held = hit + [source] * (source is not None)
+            self.blocks.take(held)
+            fresh = self.blocks.allocate(-(-len(sequence.tokens) // self.block_size) - len(hit))
             if fresh is None:  # wait for blocks (a request that fits the pool alone always gets them in the end)
-                self.blocks.release(hit)
-                return
+                self.blocks.release(held)
+                break
+            copies += [(source, fresh[0])] * (source is not None)
             self.waiting.popleft()
             sequence.blocks, sequence.keys = hit + fresh, keys[:len(hit)]
-            sequence.computed = sequence.cached = len(hit) * self.block_size
+            sequence.computed = sequence.cached = start + shared
             self.counters["queried_tokens"] += len(sequence.tokens)
             self.counters["cached_tokens"] += sequence.cached
             self.running[sequence.sid] = sequence
+        if copies:
+            pairs = np.zeros((2, self.slots), np.int32)  # null-block pairs after them copy nothing
+            pairs[:, :len(copies)] = np.asarray(copies, np.int32).T
+            self.pool = self.programs("copy", self.slots, (self.pool, *pairs))
+            if self.drafter is not None:
+                self.drafter.copy(pairs)
+            self.blocks.release([source for source, _ in copies])
 
     def _grow(self, decoding: list[RequestState]) -> list[RequestState]:
         """Blocks for the next `chunk` tokens (or the proposals verified) of each decoding request, preempting the
@@ -282,17 +295,20 @@ class PagedEngine:
         outputs.setdefault(sequence.sid, (sequence, []))[1].append(token)
 
     def _register(self, sequence: RequestState) -> None:
-        """Key the request's newly full, computed blocks, so later requests can share them."""
-        done, full = len(sequence.keys), sequence.computed // self.block_size
-        if full > done:
-            new = block_keys(sequence.tokens[done * self.block_size:full * self.block_size], self.block_size,
-                             sequence.keys[-1] if sequence.keys else root_key(sequence.request.adapter))
-            for block, key in zip(sequence.blocks[done:full], new, strict=True):
-                self.blocks.register(block, key)
-            sequence.keys += new
+        """Key the request's newly full, computed blocks, and note what its last, partly computed one holds, so later
+        requests can share them."""
+        size, done, full = self.block_size, len(sequence.keys), sequence.computed // self.block_size
+        parent = sequence.keys[-1] if sequence.keys else root_key(sequence.request.adapter)
+        for i, key in enumerate(block_keys(sequence.tokens[done * size:full * size], size, parent), done):
+            self.blocks.register(sequence.blocks[i], key, parent, sequence.tokens[i * size:(i + 1) * size])
+            sequence.keys.append(parent := key)
+        if sequence.computed % size:
+            self.blocks.note(sequence.blocks[full], parent, sequence.tokens[full * size:sequence.computed])
 
     def _reason(self, sequence: RequestState) -> str | None:
         """Why the request has finished ("stop": a stop id, "length": max_new_tokens), or None."""
+        if not sequence.emitted:  # its last token is its prompt's
+            return None
         last = sequence.tokens[-1]
         return ("stop" if self.is_stop[last] or last in sequence.request.stop_ids else
                 "length" if sequence.emitted >= sequence.request.max_new_tokens else None)
@@ -319,6 +335,7 @@ class PagedEngine:
         shapes = [("prefill", shape) for shape in self.prefill_shapes]
         shapes += [(kind, rows) for kind in kinds for rows in self.decode_rows]
         lowered = {(kind, shape): self.programs.lower(kind, self._args(kind, shape, [])) for kind, shape in shapes}
+        lowered["copy", self.slots] = self.programs.lower("copy", (self.pool, *np.zeros((2, self.slots), np.int32)))
         if self.drafter is not None:  # compiled together, then each takes its own
             lowered |= self.drafter.lowered(self.prefill_shapes, self.decode_rows, self.table_len, self.max_len)
         compiled = compile_all(lowered, self._options)

@@ -67,7 +67,9 @@ class RequestState:
 
     @property
     def decoding(self) -> bool:
-        return self.emitted > 0 and self.computed == len(self.tokens) - 1
+        """All its tokens but the last are computed: a decode step feeds that one (a prompt of one token, or one the
+        prefix cache holds all but the last token of, starts here; its first token is sampled as a prefill would)."""
+        return self.computed == len(self.tokens) - 1
 
     def last_position(self) -> int:
         """The position of the last token it can ever feed: prompt + max_new_tokens - 1 tokens in all."""

@@ -12,8 +12,8 @@ from llama_jax.model.int8_kernel import Tiles, einsum_product, rows_product
 from llama_jax.model.flops import forward_flops_per_token, matmul_params, measured_peak_flops, training_flops_per_token
 from llama_jax.model.lora import (LORA_TARGETS, LoraWeight, MultiLoraWeight, adapter_count, attach, attach_many,
                                   init_adapters, select_adapters)
-from llama_jax.model.paged import (NULL_BLOCK, POOL_NAMES, PagedCache, Pages, chunk_blocks, init_paged_cache,
-                                   paged_attend)
+from llama_jax.model.paged import (NULL_BLOCK, POOL_NAMES, PagedCache, Pages, chunk_blocks, copy_blocks,
+                                   init_paged_cache, paged_attend)
 from llama_jax.model.presets import PRESETS, preset
 from llama_jax.model.quant import (QUANTIZATIONS, QuantArray, check_quantization, input_axes, is_quantized_leaf,
                                    quantize, quantize_tree, rows_layout)
@@ -26,7 +26,7 @@ __all__ = [
     "LlamaConfig", "LoraWeight", "MESH_AXES", "MultiLoraWeight", "NULL_BLOCK", "POOL_NAMES",
     "PRESETS", "PagedCache", "Pages", "QUANTIZATIONS", "QuantArray", "REMAT_POLICIES", "Remat",
     "RopeScaling", "Tiles", "adapter_count", "attach", "attach_many", "attend", "check_attention", "chunk_blocks",
-    "check_quantization", "einsum_product",
+    "check_quantization", "copy_blocks", "einsum_product",
     "forward", "forward_flops_per_token",
     "init_adapters", "init_cache", "init_paged_cache", "init_params", "input_axes", "inverse_frequencies",
     "is_quantized_leaf", "make_mesh", "matmul_params", "measured_peak_flops", "named_sharding",

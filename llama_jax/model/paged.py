@@ -68,6 +68,12 @@ def init_paged_cache(config: LlamaConfig, blocks: int, block_size: int, dtype=jn
     return PagedCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales)
 
 
+def copy_blocks(pool: PagedCache, sources: jax.Array, targets: jax.Array) -> PagedCache:
+    """Blocks `sources` `[n]` copied over blocks `targets` `[n]` in every layer (a pair of null blocks copies
+    nothing); for copy on write, where a request takes some of a cached block's tokens into a block of its own."""
+    return jax.tree.map(lambda a: a.at[:, targets].set(a[:, sources], mode="promise_in_bounds"), pool)
+
+
 def paged_store(pool: tuple, k: jax.Array, v: jax.Array, layer: jax.Array | int, pages: Pages) -> tuple:
     """Write one layer's new keys and values `[rows, kv_heads, q, head_dim]` into their rows' blocks.
 
