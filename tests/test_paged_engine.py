@@ -177,7 +177,6 @@ def test_a_full_pool_preempts_the_youngest_and_it_continues_exactly(gqa):
     assert engine.counters["preemptions"] > 0 and all_free(engine)
 
 
-
 def test_a_prompt_done_decodes_in_the_same_step_and_a_request_done_at_its_first_token_does_not(gqa):
     """A step that completes a prompt goes on to decode it (its row does not idle for a call); one that stops or
     reaches max_new_tokens with the token its prefill samples gets nothing more."""
@@ -213,6 +212,7 @@ def test_a_request_preempted_right_after_its_prefill_keeps_its_token_and_continu
             reasons[out.sid] = out.finish_reason
     assert [got[sid] for sid in sids] == [solo(config, params, r) for r in requests]
     assert [reasons[sid] for sid in sids] == ["length", "length"] and all_free(engine)
+
 
 def test_a_lone_request_runs_one_row_whatever_the_slots(gqa):
     from llama_jax.generation.paged_steps import choose_shape, prefill_shapes
