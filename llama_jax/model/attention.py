@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from llama_jax.model.cache import load, store
 from llama_jax.model.config import LlamaConfig
-from llama_jax.model.paged import Pages, paged_attend, paged_store
+from llama_jax.model.paged import Pages, grouped_queries, paged_attend, paged_store
 from llama_jax.model.rope import apply_rope, inverse_frequencies
 from llama_jax.model.sharding import constrain
 from llama_jax.model.weights import project, weight
@@ -70,8 +70,8 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     """`attend` for one block of queries, over every slot given."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    q, spec = grouped_queries(q, kv_heads)
+    scores = jnp.einsum(f"{spec},bktd->bkgst", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # Heads-major output, transposed after: asking XLA:CPU for `bskgd` directly picks a batched dot 5x slower.

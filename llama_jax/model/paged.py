@@ -113,6 +113,16 @@ def _blocks(pool: tuple, layer, ids: jax.Array, dtype) -> tuple[jax.Array, jax.A
     return read(cache_k, k_scale), read(cache_v, v_scale)
 
 
+def grouped_queries(q: jax.Array, kv_heads: int) -> tuple[jax.Array, str]:
+    """Queries `[batch, seq, heads, head_dim]` grouped by their KV head, and their einsum spec: heads-major
+    `[batch, kv_heads, group, seq, head_dim]` ("bkgsd") when seq > 1, else `[batch, 1, kv_heads, group, head_dim]`
+    ("bskgd"). XLA:CPU runs the score dot of several queries at half the speed when q is not heads-major (512
+    queries x 512 keys, SmolLM2's heads: 7.9 against 4.1 ms), and that of one query 1.3x slower when it is."""
+    batch, seq, heads, head_dim = q.shape
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    return (q, "bskgd") if seq == 1 else (q.transpose(0, 2, 3, 1, 4), "bkgsd")
+
+
 def chunk_blocks(block_size: int, decode: bool = False) -> int:
     """Blocks `paged_attend` reads per iteration: for prompt chunks (block tables are padded to a multiple of it), or
     for one query per row (`decode`; a divisor of the former)."""
@@ -141,7 +151,8 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
     if per_chunk is None:
         per_chunk = chunk_blocks(block_size, decode=length == 1)
     group, span = heads // kv_heads, per_chunk * block_size
-    q = q.reshape(rows, length, kv_heads, group, head_dim).astype(jnp.float32) * head_dim**-0.5
+    q, spec = grouped_queries(q, kv_heads)  # laid out once, before the loop
+    q = q.astype(jnp.float32) * head_dim**-0.5
     chunks = (jnp.max(pages.lengths) + span - 1) // span
 
     def chunk(j, carry):
@@ -150,7 +161,7 @@ def paged_attend(q: jax.Array, pool: tuple, layer: jax.Array | int, pages: Pages
         k, v = _blocks(pool, layer, ids, dtype)
         slot = j * span + jnp.arange(span)
         seen = (slot[None, None, :] <= pages.positions[:, :, None]) & (slot < pages.lengths[:, None])[:, None]
-        scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"{spec},bktd->bkgst", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
         new_top = jnp.maximum(top, scores.max(axis=-1))
         probs = jnp.exp(scores - new_top[..., None])
